@@ -1,0 +1,1 @@
+"""Thin Faust agents: each reads a topic and hands the decisions to plain functions."""

@@ -1,0 +1,90 @@
+"""The ``iotflow`` command: one click group, one subcommand per operator task."""
+from __future__ import annotations
+
+import asyncio
+import sys
+
+import click
+
+from iotflow.errors import IotflowError, SettingsError
+from iotflow.settings import Settings
+
+
+def _settings() -> Settings:
+    try:
+        return Settings.from_env()
+    except SettingsError as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def main() -> None:
+    """iotflow: IoT telemetry pipeline and device-management plane on Faust.
+
+    Run a worker with `faust -A iotflow worker -l info`.
+    """
+
+
+@main.group()
+def stack() -> None:
+    """The local stack: Apache Kafka (KRaft), PostgreSQL, Redis and Mosquitto on loopback."""
+
+
+def _selected(names: tuple[str, ...]) -> dict:
+    from iotflow.stack import services
+
+    available = services(_settings())
+    unknown = [n for n in names if n not in available]
+    if unknown:
+        raise click.BadParameter(f"unknown service {unknown[0]!r}; choose from {', '.join(available)}")
+    return {n: s for n, s in available.items() if not names or n in names}
+
+
+@stack.command("up")
+@click.argument("names", nargs=-1)
+def stack_up(names: tuple[str, ...]) -> None:
+    """Install what is missing, start each service (all by default) and wait until it answers."""
+    for name, service in _selected(names).items():
+        click.echo(f"starting {name} …", err=True)
+        try:
+            service.start()
+        except IotflowError as exc:
+            raise click.ClickException(f"{name}: {exc}") from None
+        click.echo(service.status().line())
+
+
+@stack.command("down")
+@click.argument("names", nargs=-1)
+def stack_down(names: tuple[str, ...]) -> None:
+    """Stop each service (all by default), keeping its data."""
+    for name, service in reversed(list(_selected(names).items())):
+        try:
+            service.stop()
+        except IotflowError as exc:
+            raise click.ClickException(f"{name}: {exc}") from None
+        click.echo(f"{name:<10} stopped")
+
+
+@stack.command("status")
+def stack_status() -> None:
+    """Say what is up; exit 1 when any service is down."""
+    statuses = [service.status() for service in _selected(()).values()]
+    for status in statuses:
+        click.echo(status.line())
+    if not all(s.up for s in statuses):
+        sys.exit(1)
+
+
+@main.group()
+def topics() -> None:
+    """Kafka topics of iotflow."""
+
+
+@topics.command("create")
+def topics_create() -> None:
+    """Create iotflow's topics with the configured partitions, replication and min.insync.replicas."""
+    from iotflow.kafka_admin import ensure_topics
+
+    settings = _settings()
+    created = asyncio.run(ensure_topics(settings))
+    click.echo(f"created: {', '.join(created)}" if created else "all topics exist")

@@ -1,0 +1,180 @@
+"""The one place that reads ``IOTFLOW_*`` environment variables.
+
+``Settings.from_env()`` builds one frozen object that the app, the CLI and every client take
+their configuration from. Defaults point at the local stack (``iotflow stack up``). A bad value
+raises :class:`~iotflow.errors.SettingsError` naming the variable, the value and what was
+expected, so a worker refuses to start instead of running half-configured.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from iotflow.errors import SettingsError
+
+PREFIX = "IOTFLOW_"
+
+_LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+_STORES = ("rocksdb", "memory")
+
+
+def _positive_int(name: str, raw: str) -> int:
+    try:
+        value = int(raw)
+    except ValueError:
+        value = 0
+    if value <= 0 or str(value) != raw.strip():
+        raise SettingsError(name, raw, "a positive integer")
+    return value
+
+
+def _port(name: str, raw: str) -> int:
+    try:
+        value = int(raw)
+    except ValueError:
+        raise SettingsError(name, raw, "a TCP port number (1-65535)") from None
+    if not 1 <= value <= 65535:
+        raise SettingsError(name, raw, "a TCP port number (1-65535)")
+    return value
+
+
+def _positive_seconds(name: str, raw: str) -> float:
+    try:
+        value = float(raw)
+    except ValueError:
+        value = 0.0
+    if not value > 0 or value != value or value == float("inf"):
+        raise SettingsError(name, raw, "a positive number of seconds")
+    return value
+
+
+def _non_empty(name: str, raw: str) -> str:
+    if not raw.strip():
+        raise SettingsError(name, raw, "a non-empty string")
+    return raw.strip()
+
+
+def _host_ports(name: str, raw: str) -> str:
+    """A comma-separated ``host:port`` list, as Kafka clients take it."""
+    parts = [p.strip() for p in raw.split(",")]
+    for part in parts:
+        host, sep, port = part.rpartition(":")
+        if not sep or not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+            raise SettingsError(name, raw, "comma-separated host:port pairs, e.g. 127.0.0.1:19092")
+    return ",".join(parts)
+
+
+def _url(*schemes: str) -> Callable[[str, str], str]:
+    def parse(name: str, raw: str) -> str:
+        try:
+            parts = urlsplit(raw.strip())
+            parts.port  # noqa: B018 - raises ValueError on a bad port
+        except ValueError:
+            parts = None
+        if parts is None or parts.scheme not in schemes or not parts.hostname:
+            raise SettingsError(name, raw, f"a URL with scheme {' or '.join(schemes)} and a host")
+        return raw.strip()
+
+    return parse
+
+
+def _choice(*choices: str) -> Callable[[str, str], str]:
+    def parse(name: str, raw: str) -> str:
+        value = raw.strip().lower()
+        if value not in choices:
+            raise SettingsError(name, raw, f"one of {', '.join(choices)}")
+        return value
+
+    return parse
+
+
+def _path(name: str, raw: str) -> Path:
+    return Path(_non_empty(name, raw))
+
+
+def _setting(default: Any, parse: Callable[[str, str], Any], doc: str) -> Any:
+    return field(default=default, metadata={"parse": parse, "doc": doc})
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything iotflow is configured with. Field ``x`` is read from ``IOTFLOW_X``."""
+
+    app_id: str = _setting("iotflow", _non_empty, "Faust app id: consumer group and changelog topic prefix")
+    kafka_bootstrap: str = _setting("127.0.0.1:19092", _host_ports, "Kafka bootstrap servers (host:port,…)")
+    pg_dsn: str = _setting(
+        "postgresql://iotflow:iotflow@127.0.0.1:15432/iotflow",
+        _url("postgresql", "postgres"),
+        "PostgreSQL DSN for device metadata, rollouts and the outbox",
+    )
+    tsdb_dsn: str = _setting(
+        "postgresql://iotflow:iotflow@127.0.0.1:15432/iotflow",
+        _url("postgresql", "postgres"),
+        "PostgreSQL/TimescaleDB DSN for sensor measurements (may be the same database)",
+    )
+    redis_url: str = _setting("redis://127.0.0.1:16379/0", _url("redis", "rediss"), "Redis URL for the cache")
+    mqtt_url: str = _setting("mqtt://127.0.0.1:11883", _url("mqtt", "mqtts"), "MQTT broker URL")
+    web_host: str = _setting("127.0.0.1", _non_empty, "host the worker's web server binds and advertises")
+    web_port: int = _setting(6066, _port, "port of the worker's web server")
+    topic_partitions: int = _setting(8, _positive_int, "partitions of iotflow's topics and tables")
+    replication_factor: int = _setting(1, _positive_int, "replication factor of iotflow's topics")
+    min_insync_replicas: int = _setting(1, _positive_int, "min.insync.replicas of iotflow's topics")
+    store: str = _setting("rocksdb", _choice(*_STORES), "table store: rocksdb (durable) or memory (tests)")
+    data_dir: Path | None = _setting(
+        None, _path, "worker state folder (RocksDB); default .iotflow/worker-<web port>"
+    )
+    stack_dir: Path = _setting(Path(".stack"), _path, "folder of the local stack's data and logs (iotflow stack)")
+    log_level: str = _setting("info", _choice(*_LOG_LEVELS), "log level")
+    kafka_request_timeout_s: float = _setting(30.0, _positive_seconds, "Kafka request timeout")
+    kafka_session_timeout_s: float = _setting(30.0, _positive_seconds, "Kafka consumer session timeout")
+    pg_connect_timeout_s: float = _setting(3.0, _positive_seconds, "PostgreSQL connect timeout")
+    pg_command_timeout_s: float = _setting(10.0, _positive_seconds, "PostgreSQL statement timeout")
+    redis_timeout_s: float = _setting(0.5, _positive_seconds, "Redis connect and command timeout")
+    mqtt_keepalive_s: float = _setting(30.0, _positive_seconds, "MQTT keepalive interval")
+    shutdown_timeout_s: float = _setting(10.0, _positive_seconds, "time a worker waits for in-flight work on SIGTERM")
+
+    def __post_init__(self) -> None:
+        if self.min_insync_replicas > self.replication_factor:
+            raise SettingsError(
+                env_name("min_insync_replicas"),
+                str(self.min_insync_replicas),
+                f"at most IOTFLOW_REPLICATION_FACTOR ({self.replication_factor})",
+            )
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
+        """Build settings from ``environ`` (default: ``os.environ``); raise on the first bad value."""
+        environ = os.environ if environ is None else environ
+        known = {env_name(f.name) for f in dataclasses.fields(cls)}
+        unknown = sorted(k for k in environ if k.startswith(PREFIX) and k not in known)
+        if unknown:
+            raise SettingsError(unknown[0], environ[unknown[0]], "a known IOTFLOW_* variable (see README)")
+        values = {}
+        for f in dataclasses.fields(cls):
+            raw = environ.get(env_name(f.name))
+            if raw is not None:
+                values[f.name] = f.metadata["parse"](env_name(f.name), raw)
+        return cls(**values)
+
+    @property
+    def worker_dir(self) -> Path:
+        """Where this worker keeps its RocksDB tables; one folder per worker on a host."""
+        return self.data_dir or Path(".iotflow") / f"worker-{self.web_port}"
+
+
+def env_name(field_name: str) -> str:
+    return PREFIX + field_name.upper()
+
+
+def documented() -> list[tuple[str, str, str]]:
+    """``(variable, default, meaning)`` for every setting, in declaration order (for the docs)."""
+    rows = []
+    for f in dataclasses.fields(Settings):
+        default = "" if f.default is None else str(f.default)
+        rows.append((env_name(f.name), default, f.metadata["doc"]))
+    return rows

@@ -1,0 +1,90 @@
+"""Mosquitto (Debian's package) on loopback, with persistence for QoS 1 sessions."""
+from __future__ import annotations
+
+import getpass
+import threading
+
+from iotflow.settings import Settings
+from iotflow.stack.base import (
+    Service,
+    ServiceStatus,
+    StackPaths,
+    loopback_port,
+    read_pid,
+    require_binary,
+    run,
+    stop_pid,
+    wait_until,
+)
+
+
+class Mosquitto(Service):
+    name = "mosquitto"
+
+    def __init__(self, paths: StackPaths, settings: Settings) -> None:
+        self.paths = paths
+        self.port = loopback_port("IOTFLOW_MQTT_URL", settings.mqtt_url)
+        self.home = paths.service_dir("mosquitto")
+        self.config = self.home / "mosquitto.conf"
+        self.pid_file = self.home / "mosquitto.pid"
+        self.log_file = paths.logs / "mosquitto.log"
+
+    def config_text(self) -> str:
+        return "\n".join(
+            [
+                f"listener {self.port} 127.0.0.1",
+                # Device identity (dynamic security, no anonymous access) is the security issue's work.
+                "allow_anonymous true",
+                "persistence true",
+                f"persistence_location {self.home}/data/",
+                "autosave_interval 5",
+                # Queue generously for persistent QoS 1 sessions while a bridge is down.
+                "max_queued_messages 100000",
+                "max_inflight_messages 1000",
+                f"log_dest file {self.log_file}",
+                "log_type error",
+                "log_type warning",
+                "log_type notice",
+                "connection_messages true",
+                f"pid_file {self.pid_file}",
+                # Mosquitto started as root switches to this user; keep the one that owns the folder.
+                f"user {getpass.getuser()}",
+                "",
+            ]
+        )
+
+    def start(self) -> None:
+        if self.status().up:
+            return
+        broker = require_binary("mosquitto", "mosquitto")
+        (self.home / "data").mkdir(parents=True, exist_ok=True)
+        self.paths.logs.mkdir(parents=True, exist_ok=True)
+        self.config.write_text(self.config_text())
+        run([broker, "-c", str(self.config), "-d"], timeout=30, what="starting mosquitto")
+        wait_until(self._answers, timeout=30, what=f"Mosquitto did not accept an MQTT connection (see {self.log_file})")
+
+    def stop(self) -> None:
+        stop_pid(self.pid_file, name="mosquitto", timeout=30)
+
+    def status(self) -> ServiceStatus:
+        pid = read_pid(self.pid_file)
+        up = pid is not None and self._answers()
+        return ServiceStatus(self.name, up, f"127.0.0.1:{self.port}", "Mosquitto" + (f", pid {pid}" if pid else ""))
+
+    def _answers(self) -> bool:
+        """True when the broker answers an MQTT CONNECT with CONNACK (success)."""
+        import paho.mqtt.client as mqtt
+
+        connected = threading.Event()
+        client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="", clean_session=True)
+        client.on_connect = lambda c, u, flags, reason, props: reason.is_failure or connected.set()
+        try:
+            client.connect("127.0.0.1", self.port, keepalive=5)
+        except OSError:
+            return False
+        client.loop_start()
+        try:
+            return connected.wait(timeout=3)
+        finally:
+            client.disconnect()
+            client.loop_stop()
