@@ -32,6 +32,7 @@ def create_app(settings: Settings) -> faust.App:
         broker_session_timeout=settings.kafka_session_timeout_s,
         consumer_auto_offset_reset="earliest",
         producer_acks=-1,
+        processing_guarantee=settings.processing_guarantee,
     )
     app.iotflow_settings = settings  # read by views; faust.App has no slot for our settings
     message_counts = counts.define(app, settings)

@@ -124,6 +124,9 @@ class Settings:
     topic_partitions: int = _setting(8, _positive_int, "partitions of iotflow's topics and tables")
     replication_factor: int = _setting(1, _positive_int, "replication factor of iotflow's topics")
     min_insync_replicas: int = _setting(1, _positive_int, "min.insync.replicas of iotflow's topics")
+    processing_guarantee: str = _setting(
+        "at_least_once", _choice("at_least_once", "exactly_once"), "Faust processing guarantee"
+    )
     store: str = _setting("rocksdb", _choice(*_STORES), "table store: rocksdb (durable) or memory (tests)")
     data_dir: Path | None = _setting(
         None, _path, "worker state folder (RocksDB); default .iotflow/worker-<web port>"
@@ -136,7 +139,6 @@ class Settings:
     pg_command_timeout_s: float = _setting(10.0, _positive_seconds, "PostgreSQL statement timeout")
     redis_timeout_s: float = _setting(0.5, _positive_seconds, "Redis connect and command timeout")
     mqtt_keepalive_s: float = _setting(30.0, _positive_seconds, "MQTT keepalive interval")
-    shutdown_timeout_s: float = _setting(10.0, _positive_seconds, "time a worker waits for in-flight work on SIGTERM")
 
     def __post_init__(self) -> None:
         if self.min_insync_replicas > self.replication_factor:

@@ -31,4 +31,4 @@ def register(app: faust.App, settings: Settings, message_counts: faust.Table) ->
                     offset=event.message.offset,
                 )
                 continue
-            message_counts[device_id] += 1
+            message_counts[device_id.encode()] += 1

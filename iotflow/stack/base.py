@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import time
 from abc import ABC, abstractmethod
@@ -54,6 +55,23 @@ def loopback_port(setting: str, url_or_hostport: str) -> int:
             f"(expected a loopback host with a port, e.g. 127.0.0.1:PORT)"
         )
     return parts.port
+
+
+def port_taken(port: int) -> bool:
+    """True when something already listens on 127.0.0.1:``port``."""
+    with socket.socket() as sock:
+        sock.settimeout(1.0)
+        return sock.connect_ex(("127.0.0.1", port)) == 0
+
+
+def refuse_taken_ports(name: str, *ports: int) -> None:
+    """Before starting ``name``: a port already served by another process is an error, not a success."""
+    for port in ports:
+        if port_taken(port):
+            raise StackError(
+                f"127.0.0.1:{port} is already in use by a process this stack did not start; "
+                f"stop it or give {name} another port in the settings"
+            )
 
 
 def require_binary(name: str, package: str) -> str:

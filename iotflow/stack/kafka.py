@@ -20,6 +20,7 @@ from iotflow.stack.base import (
     StackPaths,
     loopback_port,
     read_pid,
+    refuse_taken_ports,
     require_binary,
     run,
     stop_pid,
@@ -139,6 +140,7 @@ class Kafka(Service):
             # Running but not answering yet (e.g. still starting): wait for it, don't start a second.
             self._wait_healthy()
             return
+        refuse_taken_ports(self.name, self.port, self.controller_port)
         java = self._java()
         self.ensure_jars()
         self.data.mkdir(parents=True, exist_ok=True)
@@ -161,8 +163,13 @@ class Kafka(Service):
         self._wait_healthy()
 
     def _wait_healthy(self) -> None:
+        def ours_and_answering() -> bool:
+            if read_pid(self.pid_file) is None:
+                raise StackError(f"Kafka exited while starting; see {self.log_dir}/server.log")
+            return self._answers()
+
         wait_until(
-            self._answers,
+            ours_and_answering,
             timeout=120,
             what=f"Kafka did not answer on 127.0.0.1:{self.port} (see {self.log_dir}/server.log)",
             interval=0.5,

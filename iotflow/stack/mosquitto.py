@@ -11,6 +11,7 @@ from iotflow.stack.base import (
     StackPaths,
     loopback_port,
     read_pid,
+    refuse_taken_ports,
     require_binary,
     run,
     stop_pid,
@@ -56,6 +57,7 @@ class Mosquitto(Service):
     def start(self) -> None:
         if self.status().up:
             return
+        refuse_taken_ports(self.name, self.port)
         broker = require_binary("mosquitto", "mosquitto")
         (self.home / "data").mkdir(parents=True, exist_ok=True)
         self.paths.logs.mkdir(parents=True, exist_ok=True)

@@ -15,7 +15,7 @@ from urllib.parse import unquote, urlsplit
 
 from iotflow.errors import StackError
 from iotflow.settings import Settings
-from iotflow.stack.base import Service, ServiceStatus, StackPaths, loopback_port, run
+from iotflow.stack.base import Service, ServiceStatus, StackPaths, loopback_port, refuse_taken_ports, run
 
 _ADMIN = "postgres"
 
@@ -113,6 +113,7 @@ class Postgres(Service):
 
     def start(self) -> None:
         if not self._running():
+            refuse_taken_ports(self.name, self.port)
             self._prepare_dirs()
             self._init_cluster()
             run(

@@ -8,6 +8,7 @@ from iotflow.stack.base import (
     StackPaths,
     loopback_port,
     read_pid,
+    refuse_taken_ports,
     require_binary,
     run,
     stop_pid,
@@ -28,6 +29,7 @@ class Redis(Service):
     def start(self) -> None:
         if self.status().up:
             return
+        refuse_taken_ports(self.name, self.port)
         server = require_binary("redis-server", "redis-server")
         self.home.mkdir(parents=True, exist_ok=True)
         self.paths.logs.mkdir(parents=True, exist_ok=True)

@@ -11,7 +11,10 @@ NAME = "message-counts"
 def define(app: faust.App, settings: Settings) -> faust.Table:
     return app.Table(
         NAME,
-        key_type=str,
+        # Keys are the raw device-id bytes, hashed exactly as the bridge keys sensor-data, so a
+        # device's count lives in the partition of its messages and @app.table_route finds the
+        # worker that owns it. (A str key would be JSON-encoded and hash elsewhere.)
+        key_type=bytes,
         value_type=int,
         default=int,
         partitions=settings.topic_partitions,

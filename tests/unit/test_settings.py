@@ -1,0 +1,113 @@
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+
+from iotflow.errors import SettingsError
+from iotflow.settings import Settings, documented
+
+README = Path(__file__).resolve().parents[2] / "README.md"
+
+
+def test_defaults_point_at_the_local_stack():
+    settings = Settings.from_env({})
+    assert settings.kafka_bootstrap == "127.0.0.1:19092"
+    assert settings.pg_dsn == "postgresql://iotflow:iotflow@127.0.0.1:15432/iotflow"
+    assert settings.tsdb_dsn == settings.pg_dsn
+    assert settings.redis_url == "redis://127.0.0.1:16379/0"
+    assert settings.mqtt_url == "mqtt://127.0.0.1:11883"
+    assert (settings.web_host, settings.web_port) == ("127.0.0.1", 6066)
+    assert settings.store == "rocksdb"
+
+
+def test_good_values_are_parsed_into_their_types():
+    settings = Settings.from_env(
+        {
+            "IOTFLOW_WEB_PORT": "7001",
+            "IOTFLOW_TOPIC_PARTITIONS": "16",
+            "IOTFLOW_REPLICATION_FACTOR": "3",
+            "IOTFLOW_MIN_INSYNC_REPLICAS": "2",
+            "IOTFLOW_PG_COMMAND_TIMEOUT_S": "2.5",
+            "IOTFLOW_KAFKA_BOOTSTRAP": "10.0.0.1:9092, 10.0.0.2:9092",
+            "IOTFLOW_STORE": "MEMORY",
+            "IOTFLOW_DATA_DIR": "/var/lib/iotflow",
+            "IOTFLOW_PROCESSING_GUARANTEE": "exactly_once",
+        }
+    )
+    assert settings.web_port == 7001
+    assert settings.topic_partitions == 16
+    assert (settings.replication_factor, settings.min_insync_replicas) == (3, 2)
+    assert settings.pg_command_timeout_s == 2.5
+    assert settings.kafka_bootstrap == "10.0.0.1:9092,10.0.0.2:9092"
+    assert settings.store == "memory"
+    assert settings.worker_dir == Path("/var/lib/iotflow")
+    assert settings.processing_guarantee == "exactly_once"
+
+
+def test_worker_dir_defaults_to_one_folder_per_web_port():
+    assert Settings.from_env({"IOTFLOW_WEB_PORT": "6067"}).worker_dir == Path(".iotflow/worker-6067")
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "expected"),
+    [
+        ("IOTFLOW_WEB_PORT", "abc", "a TCP port number"),
+        ("IOTFLOW_WEB_PORT", "0", "a TCP port number"),
+        ("IOTFLOW_WEB_PORT", "70000", "a TCP port number"),
+        ("IOTFLOW_TOPIC_PARTITIONS", "0", "a positive integer"),
+        ("IOTFLOW_TOPIC_PARTITIONS", "-3", "a positive integer"),
+        ("IOTFLOW_TOPIC_PARTITIONS", "1.5", "a positive integer"),
+        ("IOTFLOW_PG_COMMAND_TIMEOUT_S", "0", "a positive number of seconds"),
+        ("IOTFLOW_PG_COMMAND_TIMEOUT_S", "nan", "a positive number of seconds"),
+        ("IOTFLOW_PG_COMMAND_TIMEOUT_S", "inf", "a positive number of seconds"),
+        ("IOTFLOW_REDIS_TIMEOUT_S", "soon", "a positive number of seconds"),
+        ("IOTFLOW_KAFKA_BOOTSTRAP", "localhost", "host:port"),
+        ("IOTFLOW_KAFKA_BOOTSTRAP", "a:1,b:x", "host:port"),
+        ("IOTFLOW_PG_DSN", "mysql://u@h/db", "a URL with scheme postgresql or postgres"),
+        ("IOTFLOW_REDIS_URL", "redis://", "a URL with scheme redis or rediss and a host"),
+        ("IOTFLOW_MQTT_URL", "mqtt://broker:port", "a URL with scheme mqtt or mqtts"),
+        ("IOTFLOW_STORE", "postgres", "one of rocksdb, memory"),
+        ("IOTFLOW_LOG_LEVEL", "loud", "one of debug, info"),
+        ("IOTFLOW_APP_ID", "  ", "a non-empty string"),
+        ("IOTFLOW_PROCESSING_GUARANTEE", "maybe", "one of at_least_once, exactly_once"),
+    ],
+)
+def test_a_bad_value_names_the_variable_the_value_and_what_was_expected(variable, value, expected):
+    with pytest.raises(SettingsError) as caught:
+        Settings.from_env({variable: value})
+    message = str(caught.value)
+    assert variable in message
+    assert repr(value) in message
+    assert expected in message
+    assert "\n" not in message
+
+
+def test_an_unknown_iotflow_variable_is_refused_so_typos_do_not_go_unnoticed():
+    with pytest.raises(SettingsError, match="IOTFLOW_WEB_PROT"):
+        Settings.from_env({"IOTFLOW_WEB_PROT": "7000"})
+
+
+def test_variables_without_the_prefix_are_ignored():
+    assert Settings.from_env({"PATH": "/bin", "WEB_PORT": "x"}) == Settings()
+
+
+def test_min_insync_replicas_cannot_exceed_the_replication_factor():
+    with pytest.raises(SettingsError, match="IOTFLOW_MIN_INSYNC_REPLICAS"):
+        Settings.from_env({"IOTFLOW_REPLICATION_FACTOR": "1", "IOTFLOW_MIN_INSYNC_REPLICAS": "2"})
+
+
+def test_settings_are_frozen():
+    settings = Settings()
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        settings.web_port = 1  # type: ignore[misc]
+
+
+def test_every_variable_is_documented_in_the_readme_with_its_default():
+    readme = README.read_text()
+    for variable, default, _ in documented():
+        row = next((line for line in readme.splitlines() if line.startswith(f"| `{variable}`")), None)
+        assert row is not None, f"{variable} is missing from README's configuration table"
+        if default:
+            assert f"`{default}`" in row, f"README gives another default for {variable}"

@@ -1,0 +1,63 @@
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from iotflow.errors import StackError
+from iotflow.settings import Settings
+from iotflow.stack import services
+from iotflow.stack.base import loopback_port
+from iotflow.stack.kafka import kafka_version, server_properties
+from iotflow.stack.mosquitto import Mosquitto
+from iotflow.stack.base import StackPaths
+
+
+def test_the_kafka_version_is_pinned_once_in_the_pom():
+    assert re.fullmatch(r"\d+\.\d+\.\d+", kafka_version())
+
+
+def test_server_properties_run_one_kraft_node_on_loopback(tmp_path: Path):
+    text = server_properties(node_id=1, port=19092, controller_port=19093, data_dir=tmp_path)
+    props = dict(line.split("=", 1) for line in text.splitlines() if line)
+    assert props["process.roles"] == "broker,controller"
+    assert props["listeners"] == "PLAINTEXT://127.0.0.1:19092,CONTROLLER://127.0.0.1:19093"
+    assert props["log.dirs"] == str(tmp_path)
+    assert props["auto.create.topics.enable"] == "false"
+
+
+@pytest.mark.parametrize("address", ["127.0.0.1:9092", "localhost:9092", "redis://127.0.0.1:9092/0"])
+def test_loopback_ports_are_accepted(address):
+    assert loopback_port("X", address) == 9092
+
+
+@pytest.mark.parametrize("address", ["10.1.2.3:9092", "postgresql://db.example:5432/x", "redis://127.0.0.1/0"])
+def test_the_stack_refuses_addresses_it_cannot_serve(address):
+    with pytest.raises(StackError, match="X="):
+        loopback_port("X", address)
+
+
+def test_services_take_their_ports_from_the_app_settings(tmp_path: Path):
+    settings = Settings(
+        stack_dir=tmp_path,
+        kafka_bootstrap="127.0.0.1:29092",
+        redis_url="redis://127.0.0.1:26379/0",
+        mqtt_url="mqtt://127.0.0.1:21883",
+        pg_dsn="postgresql://u:p@127.0.0.1:25432/db",
+        tsdb_dsn="postgresql://u:p@127.0.0.1:25432/ts",
+    )
+    stack = services(settings)
+    assert list(stack) == ["postgres", "kafka", "redis", "mosquitto"]
+    assert stack["kafka"].status().address == "127.0.0.1:29092"
+    assert "listener 21883 127.0.0.1" in Mosquitto(StackPaths.at(tmp_path), settings).config_text()
+
+
+def test_one_postgres_serves_both_dsns(tmp_path: Path):
+    settings = Settings(
+        stack_dir=tmp_path,
+        pg_dsn="postgresql://u:p@127.0.0.1:25432/db",
+        tsdb_dsn="postgresql://u:p@127.0.0.1:25433/ts",
+    )
+    with pytest.raises(StackError, match="one PostgreSQL"):
+        services(settings)
