@@ -1,6 +1,6 @@
 """Apache Kafka in KRaft mode (one combined broker+controller), resolved from Maven Central.
 
-The jars are resolved once per Kafka version by Maven from ``kafka/pom.xml`` (the one place the
+The jars are resolved once per Kafka version by Maven from ``kafka_runtime/pom.xml`` (the one place the
 version is pinned) into ``<stack>/kafka/dist-<version>/libs`` and reused by every later start.
 """
 from __future__ import annotations
@@ -27,8 +27,8 @@ from iotflow.stack.base import (
     wait_until,
 )
 
-POM = Path(__file__).parent / "kafka" / "pom.xml"
-LOG4J2 = Path(__file__).parent / "kafka" / "log4j2.properties"
+POM = Path(__file__).parent / "kafka_runtime" / "pom.xml"
+LOG4J2 = Path(__file__).parent / "kafka_runtime" / "log4j2.properties"
 _NS = {"m": "http://maven.apache.org/POM/4.0.0"}
 
 

@@ -61,3 +61,13 @@ def test_one_postgres_serves_both_dsns(tmp_path: Path):
     )
     with pytest.raises(StackError, match="one PostgreSQL"):
         services(settings)
+
+
+def test_cached_kafka_jars_are_not_resolved_again(tmp_path: Path, monkeypatch):
+    kafka = services(Settings(stack_dir=tmp_path))["kafka"]
+    kafka.libs.mkdir(parents=True)
+    (kafka.libs.parent / ".complete").touch()
+    monkeypatch.setenv("PATH", str(tmp_path))  # no mvn reachable: resolving would fail
+    kafka.ensure_jars()
+    assert not (kafka.home / "build").exists()
+

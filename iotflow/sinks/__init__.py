@@ -1,0 +1,1 @@
+"""Database sinks of iotflow, each behind the same small add/flush contract (ingestion issue)."""
