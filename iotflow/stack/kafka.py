@@ -6,6 +6,7 @@ version is pinned) into ``<stack>/kafka/dist-<version>/libs`` and reused by ever
 from __future__ import annotations
 
 import asyncio
+import logging
 import re
 import shutil
 import subprocess
@@ -193,6 +194,9 @@ async def _metadata_ok(bootstrap: str, *, timeout: float) -> bool:
     """True when the broker answers a metadata request listing at least one broker."""
     from aiokafka.client import AIOKafkaClient
     from aiokafka.errors import KafkaError
+
+    # While the broker starts, every refused connection would be logged as an error: expected here.
+    logging.getLogger("aiokafka").setLevel(logging.CRITICAL)
 
     client = AIOKafkaClient(bootstrap_servers=bootstrap, request_timeout_ms=int(timeout * 1000))
     try:
