@@ -88,3 +88,46 @@ def topics_create() -> None:
     settings = _settings()
     created = asyncio.run(ensure_topics(settings))
     click.echo(f"created: {', '.join(created)}" if created else "all topics exist")
+
+
+@main.group()
+def migrate() -> None:
+    """Schema migrations of the time-series database (schema/NNNN_name.{up,down}.sql)."""
+
+
+@migrate.command("up")
+@click.option("--to", "target", type=int, default=None, help="stop after this version (default: all)")
+def migrate_up(target: int | None) -> None:
+    """Apply pending migrations, each in its own transaction; a second run does nothing."""
+    from iotflow.migrate import migrator
+
+    try:
+        done = asyncio.run(migrator(_settings()).up(target))
+    except IotflowError as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo("\n".join(f"applied {m.version:04d} {m.name}" for m in done) or "nothing to apply")
+
+
+@migrate.command("down")
+@click.option("--to", "target", type=int, required=True, help="roll back every migration newer than this (0 = all)")
+def migrate_down(target: int) -> None:
+    """Roll back applied migrations newer than --to, newest first."""
+    from iotflow.migrate import migrator
+
+    try:
+        done = asyncio.run(migrator(_settings()).down(target))
+    except IotflowError as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo("\n".join(f"rolled back {m.version:04d} {m.name}" for m in done) or "nothing to roll back")
+
+
+@migrate.command("status")
+def migrate_status() -> None:
+    """List every migration as applied or pending; exit 1 if any is pending or changed."""
+    from iotflow.migrate import migrator
+
+    states = asyncio.run(migrator(_settings()).status())
+    for state in states:
+        click.echo(state.line())
+    if not all(s.applied and not s.changed for s in states):
+        sys.exit(1)

@@ -19,6 +19,7 @@ async def ensure_topics(settings: Settings, names: tuple[str, ...] = topics.ALL)
     await asyncio.wait_for(admin.start(), settings.kafka_request_timeout_s)
     try:
         existing = set(await admin.list_topics())
+        names = tuple(topics.name(settings, topic) for topic in names)
         wanted = [
             NewTopic(
                 name,

@@ -1,7 +1,12 @@
-"""JSON logs through the standard library, so faust's ``-l`` level and handlers apply."""
+"""iotflow's own logs: one JSON object per line on stderr, with the bound context vars.
+
+They bypass the standard library on purpose: structlog's stdlib factory installs a logger class
+whose caller lookup walks the stack for every record, faust's and aiokafka's included.
+Faust's own logs keep faust's format and its ``-l`` level."""
 from __future__ import annotations
 
 import logging
+import sys
 
 import structlog
 
@@ -11,13 +16,12 @@ def configure(level: str) -> None:
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,
-            structlog.stdlib.add_log_level,
-            structlog.stdlib.add_logger_name,
+            structlog.processors.add_log_level,
             structlog.processors.TimeStamper(fmt="iso", utc=True),
             structlog.processors.format_exc_info,
             structlog.processors.JSONRenderer(),
         ],
         wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelName(level.upper())),
-        logger_factory=structlog.stdlib.LoggerFactory(),
+        logger_factory=structlog.WriteLoggerFactory(file=sys.stderr),
         cache_logger_on_first_use=True,
     )

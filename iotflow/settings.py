@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -51,6 +52,22 @@ def _positive_seconds(name: str, raw: str) -> float:
     if not value > 0 or value != value or value == float("inf"):
         raise SettingsError(name, raw, "a positive number of seconds")
     return value
+
+
+def _ratio(name: str, raw: str) -> float:
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if not 0.0 <= value <= 1.0:
+        raise SettingsError(name, raw, "a ratio from 0 to 1")
+    return value
+
+
+def _topic_prefix(name: str, raw: str) -> str:
+    if not re.fullmatch(r"[A-Za-z0-9._-]{0,100}", raw):
+        raise SettingsError(name, raw, "letters, digits, '.', '_' or '-' (a Kafka topic name prefix)")
+    return raw
 
 
 def _non_empty(name: str, raw: str) -> str:
@@ -106,6 +123,7 @@ class Settings:
     """Everything iotflow is configured with. Field ``x`` is read from ``IOTFLOW_X``."""
 
     app_id: str = _setting("iotflow", _non_empty, "Faust app id: consumer group and changelog topic prefix")
+    topic_prefix: str = _setting("", _topic_prefix, "prefix of every iotflow topic name (environments sharing a cluster)")
     kafka_bootstrap: str = _setting("127.0.0.1:19092", _host_ports, "Kafka bootstrap servers (host:port,…)")
     pg_dsn: str = _setting(
         "postgresql://iotflow:iotflow@127.0.0.1:15432/iotflow",
@@ -131,6 +149,13 @@ class Settings:
     data_dir: Path | None = _setting(
         None, _path, "worker state folder (RocksDB); default .iotflow/worker-<web port>"
     )
+    sink_batch_size: int = _setting(2000, _positive_int, "rows per COPY batch into sensor_measurements")
+    sink_flush_interval_s: float = _setting(0.5, _positive_seconds, "longest a row waits for its batch")
+    pg_pool_size: int = _setting(4, _positive_int, "connections per worker to each database")
+    dedup_window_s: float = _setting(3600.0, _positive_seconds, "how long a msg_id is remembered as seen")
+    max_clock_skew_s: float = _setting(300.0, _positive_seconds, "how far in the future a device's ts may be")
+    retention_days: int = _setting(90, _positive_int, "hot window: measurements older than this are refused/dropped")
+    loss_threshold: float = _setting(0.001, _ratio, "share of messages missing (seq gaps) that marks the pipeline unhealthy")
     stack_dir: Path = _setting(Path(".stack"), _path, "folder of the local stack's data and logs (iotflow stack)")
     log_level: str = _setting("info", _choice(*_LOG_LEVELS), "log level")
     kafka_request_timeout_s: float = _setting(30.0, _positive_seconds, "Kafka request timeout")

@@ -1,30 +1,128 @@
-"""Decoding of telemetry payloads (plain logic, no I/O)."""
+"""Decoding and validation of telemetry payloads (plain logic, no I/O).
+
+The contract (design.md)::
+
+    {"device_id": str, "msg_id": str, "seq": int, "ts": RFC 3339 or epoch ms, "metrics": {name: number}}
+
+:func:`parse` turns the raw bytes of one message into a :class:`Telemetry` or raises
+:class:`InvalidPayload` naming the field, the value and the reason; the ingest agent sends those to
+the DLQ with the original bytes. Unknown fields are rejected: a producer that sends them is
+misconfigured and should hear about it rather than lose data silently.
+"""
 from __future__ import annotations
 
-import json
+import math
+import re
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 
-from iotflow.errors import IotflowError
+import msgspec
+
+from iotflow.errors import NOT_SHOWN, InvalidPayload
+
+DEVICE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}")
+MSG_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}")
+METRIC = re.compile(r"[A-Za-z_][A-Za-z0-9_.]{0,63}")
+MAX_SEQ = 2**63 - 1
+_MSGSPEC_PATH = re.compile(r" - at `\$\.?([^`]*)`$")
+_UNKNOWN_FIELD = re.compile(r"unknown field `([^`]*)`")
 
 
-class InvalidPayload(IotflowError):
-    """A message that cannot be processed: names the field and the value."""
+@dataclass(frozen=True)
+class Limits:
+    """What :func:`parse` accepts beyond the types: sizes and the time window."""
 
-    def __init__(self, field: str, value: object, reason: str) -> None:
-        self.field = field
-        self.value = value
-        self.reason = reason
-        super().__init__(f"{field}: {reason} (got {value!r})")
+    max_payload_bytes: int = 64 * 1024
+    max_metrics: int = 256
+    max_clock_skew: timedelta = timedelta(minutes=5)
+    retention: timedelta = timedelta(days=90)
 
 
-def device_id_of(raw: bytes) -> str:
-    """Return the ``device_id`` of a JSON telemetry payload, or raise :class:`InvalidPayload`."""
+@dataclass(frozen=True)
+class Telemetry:
+    device_id: str
+    msg_id: str
+    seq: int
+    time: datetime
+    metrics: tuple[tuple[str, float], ...]
+
+    def rows(self) -> list[tuple[datetime, str, str, float, str, int]]:
+        """``sensor_measurements`` rows: (time, device_id, metric, value, msg_id, seq)."""
+        return [(self.time, self.device_id, name, value, self.msg_id, self.seq) for name, value in self.metrics]
+
+
+class _Wire(msgspec.Struct, forbid_unknown_fields=True):
+    device_id: str
+    msg_id: str
+    seq: int
+    ts: int | str
+    metrics: dict[str, float]
+
+
+_decoder = msgspec.json.Decoder(_Wire)
+
+
+def parse(raw: bytes, limits: Limits, *, now: datetime | None = None) -> Telemetry:
+    """Decode and validate one telemetry message, or raise :class:`InvalidPayload`."""
+    if len(raw) > limits.max_payload_bytes:
+        raise InvalidPayload("payload", f"{len(raw)} bytes", f"larger than {limits.max_payload_bytes} bytes")
     try:
-        payload = json.loads(raw)
-    except (UnicodeDecodeError, ValueError):
-        raise InvalidPayload("payload", raw[:64], "not a JSON document") from None
-    if not isinstance(payload, dict):
-        raise InvalidPayload("payload", type(payload).__name__, "expected a JSON object")
-    device_id = payload.get("device_id")
-    if not isinstance(device_id, str) or not device_id:
-        raise InvalidPayload("device_id", device_id, "expected a non-empty string")
-    return device_id
+        wire = _decoder.decode(raw)
+    except msgspec.ValidationError as exc:
+        raise _from_msgspec(str(exc)) from None
+    except msgspec.DecodeError:
+        raise InvalidPayload("payload", raw[:80], "not a JSON document") from None
+    _check(DEVICE_ID, "device_id", wire.device_id, "letters, digits and _.:- only, 1-128 characters")
+    _check(MSG_ID, "msg_id", wire.msg_id, "letters, digits and _.:- only, 1-128 characters")
+    if not 0 <= wire.seq <= MAX_SEQ:
+        raise InvalidPayload("seq", wire.seq, f"expected an integer from 0 to {MAX_SEQ}")
+    time = _timestamp(wire.ts)
+    now = now or datetime.now(UTC)
+    if time > now + limits.max_clock_skew:
+        raise InvalidPayload("ts", wire.ts, f"more than {limits.max_clock_skew} in the future")
+    if time < now - limits.retention:
+        raise InvalidPayload("ts", wire.ts, f"older than the retention of {limits.retention}")
+    if not wire.metrics:
+        raise InvalidPayload("metrics", wire.metrics, "expected at least one metric")
+    if len(wire.metrics) > limits.max_metrics:
+        raise InvalidPayload("metrics", f"{len(wire.metrics)} metrics", f"at most {limits.max_metrics} metrics")
+    for name, value in wire.metrics.items():
+        _check(METRIC, f"metrics.{name}", name, "a metric name: a letter or _, then letters, digits, _ or .")
+        if not math.isfinite(value):
+            raise InvalidPayload(f"metrics.{name}", value, "expected a finite number")
+    metrics = tuple(sorted(wire.metrics.items()))
+    return Telemetry(wire.device_id, wire.msg_id, wire.seq, time, metrics)
+
+
+def _check(pattern: re.Pattern[str], field: str, value: str, expected: str) -> None:
+    if not pattern.fullmatch(value):
+        raise InvalidPayload(field, value, f"expected {expected}")
+
+
+def _timestamp(ts: int | str) -> datetime:
+    if isinstance(ts, int):
+        if not 0 < ts < 253402300800000:  # year 10000 in ms
+            raise InvalidPayload("ts", ts, "expected epoch milliseconds")
+        return datetime.fromtimestamp(ts / 1000, UTC)
+    try:
+        time = datetime.fromisoformat(ts)
+    except ValueError:
+        raise InvalidPayload("ts", ts, "expected an RFC 3339 timestamp or epoch milliseconds") from None
+    if time.tzinfo is None:
+        raise InvalidPayload("ts", ts, "expected a timestamp with a UTC offset")
+    return time.astimezone(UTC)
+
+
+def _from_msgspec(message: str) -> InvalidPayload:
+    unknown = _UNKNOWN_FIELD.search(message)
+    if unknown:
+        return InvalidPayload(unknown.group(1), NOT_SHOWN, "unknown field")
+    path = _MSGSPEC_PATH.search(message)
+    field = (path.group(1) if path else "") or "payload"
+    reason = _MSGSPEC_PATH.sub("", message)
+    if reason == "Number out of range":
+        reason = "expected a finite number"
+    if reason.startswith("Object missing required field"):
+        field = reason.rsplit("`", 2)[-2]
+        reason = "missing required field"
+    return InvalidPayload(field.replace("[", ".").replace("]", "").strip('."'), NOT_SHOWN, reason)

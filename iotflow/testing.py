@@ -2,7 +2,8 @@
 
 :class:`WorkerProcess` runs ``faust -A iotflow worker`` as a child process with its own
 settings, waits for it to be ready and stops it the way an operator would (SIGTERM) or the
-way a crash would (SIGKILL).
+way a crash would (SIGKILL). The coroutines below produce telemetry to Kafka and count what
+arrived in the database and in the DLQ.
 """
 from __future__ import annotations
 
@@ -15,9 +16,15 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
+
+import asyncpg
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+
+from iotflow import topics
+from iotflow.settings import Settings
 
 READY_LINE = "Worker ready"
 
@@ -113,3 +120,60 @@ class WorkerProcess:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait(timeout=10)
+
+
+def telemetry(device_id: str, seq: int, *, metrics: dict[str, float] | None = None) -> bytes:
+    """A valid telemetry payload as a device sends it (msg_id derived from device and seq)."""
+    return json.dumps({"device_id": device_id, "msg_id": f"{device_id}-{seq}", "seq": seq,
+                       "ts": int(time.time() * 1000), "metrics": metrics or {"temp": 20.5, "hum": 40.0}}).encode()
+
+
+async def produce(settings: Settings, messages: Iterable[tuple[bytes, bytes]]) -> int:
+    """Send (key, value) pairs to this test's sensor-data, acks=all; return how many."""
+    producer = AIOKafkaProducer(bootstrap_servers=settings.kafka_bootstrap, acks="all",
+                                enable_idempotence=True, linger_ms=5)
+    await producer.start()
+    sent = 0
+    try:
+        for key, value in messages:
+            await producer.send(topics.name(settings, topics.SENSOR_DATA), value, key=key)
+            sent += 1
+        await producer.flush()
+    finally:
+        await producer.stop()
+    return sent
+
+
+async def produce_telemetry(settings: Settings, devices: list[str], per_device: int, first_seq: int = 0) -> int:
+    """``per_device`` valid messages for each device, keyed by device id; return the count."""
+    return await produce(
+        settings,
+        ((d.encode(), telemetry(d, seq)) for seq in range(first_seq, first_seq + per_device) for d in devices),
+    )
+
+
+async def stored_messages(settings: Settings, device_prefix: str) -> tuple[int, int]:
+    """(rows, distinct messages) in sensor_measurements for devices starting with ``device_prefix``."""
+    conn = await asyncpg.connect(settings.tsdb_dsn, timeout=10)
+    try:
+        row = await conn.fetchrow(
+            "SELECT count(*) AS rows, count(DISTINCT (device_id, msg_id)) AS messages "
+            "FROM sensor_measurements WHERE device_id LIKE $1", device_prefix + "%")
+    finally:
+        await conn.close()
+    return int(row["rows"]), int(row["messages"])
+
+
+async def dlq_messages(settings: Settings, timeout_ms: int = 5000) -> list:
+    """Everything in this test's sensor-data-dlq."""
+    consumer = AIOKafkaConsumer(topics.name(settings, topics.SENSOR_DATA_DLQ), bootstrap_servers=settings.kafka_bootstrap,
+                                auto_offset_reset="earliest", enable_auto_commit=False, group_id=None)
+    await consumer.start()
+    found = []
+    try:
+        while batch := await consumer.getmany(timeout_ms=timeout_ms):
+            found.extend(m for msgs in batch.values() for m in msgs)
+            timeout_ms = 1000
+    finally:
+        await consumer.stop()
+    return found

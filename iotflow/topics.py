@@ -1,4 +1,8 @@
-"""Names and Kafka configuration of iotflow's topics (the contract in docs and design.md)."""
+"""Names and Kafka configuration of iotflow's topics (the contract in docs and design.md).
+
+Every name carries ``IOTFLOW_TOPIC_PREFIX`` (empty by default), so several environments — or
+test runs — can share one Kafka cluster without reading each other's data.
+"""
 from __future__ import annotations
 
 import faust
@@ -6,9 +10,14 @@ import faust
 from iotflow.settings import Settings
 
 SENSOR_DATA = "sensor-data"
+SENSOR_DATA_DLQ = "sensor-data-dlq"
 
 # Topics iotflow creates up front (Faust creates its own changelog topics).
-ALL = (SENSOR_DATA,)
+ALL = (SENSOR_DATA, SENSOR_DATA_DLQ)
+
+
+def name(settings: Settings, topic: str) -> str:
+    return settings.topic_prefix + topic
 
 
 def topic_config(settings: Settings) -> dict[str, str]:
@@ -16,10 +25,9 @@ def topic_config(settings: Settings) -> dict[str, str]:
     return {"min.insync.replicas": str(settings.min_insync_replicas)}
 
 
-def sensor_data(app: faust.App, settings: Settings) -> faust.TopicT:
-    """Raw telemetry from the bridge, keyed by device id; values are the devices' bytes."""
+def _raw_topic(app: faust.App, settings: Settings, topic: str) -> faust.TopicT:
     return app.topic(
-        SENSOR_DATA,
+        name(settings, topic),
         key_type=bytes,
         value_type=bytes,
         key_serializer="raw",
@@ -28,3 +36,13 @@ def sensor_data(app: faust.App, settings: Settings) -> faust.TopicT:
         replicas=settings.replication_factor,
         config=topic_config(settings),
     )
+
+
+def sensor_data(app: faust.App, settings: Settings) -> faust.TopicT:
+    """Raw telemetry from the bridge, keyed by device id; values are the devices' bytes."""
+    return _raw_topic(app, settings, SENSOR_DATA)
+
+
+def sensor_data_dlq(app: faust.App, settings: Settings) -> faust.TopicT:
+    """Messages the ingest agent could not store: original key and bytes, the reason in headers."""
+    return _raw_topic(app, settings, SENSOR_DATA_DLQ)

@@ -166,5 +166,7 @@ class Postgres(Service):
             if not self.psql(f"SELECT 1 FROM pg_roles WHERE rolname = {_quote_literal(user)}").strip():
                 login = f"LOGIN PASSWORD {_quote_literal(password)}" if password else "LOGIN"
                 self.psql(f"CREATE ROLE {_quote_ident(user)} {login}")
+            # A local stack's role may make scratch databases (the migration tests roll down in one).
+            self.psql(f"ALTER ROLE {_quote_ident(user)} CREATEDB")
             if not self.psql(f"SELECT 1 FROM pg_database WHERE datname = {_quote_literal(database)}").strip():
                 self.psql(f"CREATE DATABASE {_quote_ident(database)} OWNER {_quote_ident(user)}")

@@ -1,4 +1,5 @@
-"""A real worker against the real stack: counting, changelog recovery, scaling out, shutdown."""
+"""A real worker against the real stack: ingest end to end through Kafka, changelog recovery,
+scaling out, exactly-once mode, shutdown and bad settings."""
 from __future__ import annotations
 
 import asyncio
@@ -9,27 +10,38 @@ from pathlib import Path
 
 import pytest
 
-from iotflow.testing import WorkerProcess, http_get_json
-from tests.integration.conftest import produce_telemetry
+from iotflow.testing import (
+    WorkerProcess,
+    dlq_messages,
+    http_get_json,
+    produce,
+    produce_telemetry,
+    stored_messages,
+    telemetry,
+)
 
 
-def counts_via(worker: WorkerProcess, devices: list[str]) -> dict[str, int]:
-    counts = {}
+def accounts_via(worker: WorkerProcess, devices: list[str]) -> dict[str, dict]:
+    accounts = {}
     for device_id in devices:
-        status, body = http_get_json(f"{worker.url}/api/v1/ingest/counts/{device_id}")
+        status, body = http_get_json(f"{worker.url}/api/v1/pipeline/accounting/devices/{device_id}")
         assert status == 200, body
-        counts[device_id] = body["count"]
-    return counts
+        accounts[device_id] = body
+    return accounts
 
 
-def wait_for_counts(worker: WorkerProcess, expected: dict[str, int], timeout: float = 60.0) -> dict[str, int]:
-    """Poll the worker until every device's count reaches its expected value (or time runs out)."""
+def wait_until_received(worker: WorkerProcess, expected: dict[str, int], timeout: float = 90.0) -> dict[str, dict]:
+    """Poll until every device's account has received its expected number of messages."""
     deadline = time.monotonic() + timeout
     while True:
-        counts = counts_via(worker, list(expected))
-        if all(counts[d] >= n for d, n in expected.items()) or time.monotonic() > deadline:
-            return counts
+        accounts = accounts_via(worker, list(expected))
+        if all(accounts[d]["received"] >= n for d, n in expected.items()) or time.monotonic() > deadline:
+            return accounts
         time.sleep(0.25)
+
+
+def received(accounts: dict[str, dict]) -> dict[str, int]:
+    return {d: a["received"] for d, a in accounts.items()}
 
 
 @pytest.fixture
@@ -44,13 +56,33 @@ def test_liveness_answers_200(start_worker):
     assert (status, body["status"]) == (200, "ok")
 
 
-def test_the_worker_counts_every_message_produced_exactly_once(stack, start_worker, devices):
+def test_valid_messages_are_stored_once_duplicates_dropped_and_invalid_sent_to_the_dlq(
+    settings, start_worker, devices, run_id
+):
     worker = start_worker()
     worker.wait_ready()
-    sent = asyncio.run(produce_telemetry(stack, devices, per_device=100))
-    counts = wait_for_counts(worker, {d: 100 for d in devices})
-    assert counts == {d: 100 for d in devices}
-    assert sum(counts.values()) == sent
+    originals = [(d.encode(), telemetry(d, seq)) for seq in range(50) for d in devices]
+    duplicates = originals[::10]  # the same bytes again: a device retry
+    invalid = [(devices[0].encode(), b"not json"), (devices[1].encode(), b'{"device_id": 7}')]
+    asyncio.run(produce(settings, originals + duplicates + invalid))
+
+    expected = {d: 50 for d in devices}
+    for key, _ in duplicates + invalid:
+        expected[key.decode()] += 1
+    accounts = wait_until_received(worker, expected)
+    assert received(accounts) == expected
+    assert sum(a["duplicates"] for a in accounts.values()) == len(duplicates)
+    assert sum(a["invalid"] for a in accounts.values()) == len(invalid)
+    assert all(a["gaps"] == 0 and a["stored"] == 50 for a in accounts.values())
+
+    rows, messages = asyncio.run(stored_messages(settings, f"dev-{run_id}-"))
+    assert (rows, messages) == (len(originals) * 2, len(originals))  # two metrics per message
+    dead = asyncio.run(dlq_messages(settings))
+    assert sorted(m.value for m in dead) == sorted(v for _, v in invalid)
+    headers = dict(dead[0].headers)
+    assert headers["iotflow-error"] == b"invalid"
+    assert headers["iotflow-source-topic"].decode().endswith("sensor-data")
+    assert {"iotflow-field", "iotflow-reason", "iotflow-source-partition", "iotflow-source-offset"} <= set(headers)
 
 
 def test_sigterm_stops_the_worker_with_exit_code_0_within_15_seconds(start_worker):
@@ -60,39 +92,48 @@ def test_sigterm_stops_the_worker_with_exit_code_0_within_15_seconds(start_worke
     assert "Closing event loop" in worker.log_text()
 
 
-def test_a_fresh_worker_restores_the_table_from_its_changelog(stack, start_worker, devices):
+def test_a_fresh_worker_restores_its_tables_from_the_changelog_and_still_catches_duplicates(
+    settings, start_worker, devices, run_id
+):
     first = start_worker()
     first.wait_ready()
-    asyncio.run(produce_telemetry(stack, devices, per_device=50))
-    assert wait_for_counts(first, {d: 50 for d in devices}) == {d: 50 for d in devices}
+    asyncio.run(produce_telemetry(settings, devices, per_device=20))
+    assert received(wait_until_received(first, {d: 20 for d in devices})) == {d: 20 for d in devices}
     assert first.terminate() == 0
 
-    # Same app (consumer group, changelog), empty RocksDB folder: everything comes from Kafka.
+    # Same app (consumer group, changelogs), empty RocksDB folder: everything comes from Kafka.
     second = start_worker(fresh_state=True)
     second.wait_ready()
-    assert counts_via(second, devices) == {d: 50 for d in devices}
-    asyncio.run(produce_telemetry(stack, devices, per_device=10))
-    assert wait_for_counts(second, {d: 60 for d in devices}) == {d: 60 for d in devices}
+    assert received(accounts_via(second, devices)) == {d: 20 for d in devices}
+    # A duplicate of a message stored before the restart is caught by the restored dedup marks.
+    asyncio.run(produce(settings, [(d.encode(), telemetry(d, 5)) for d in devices]))
+    accounts = wait_until_received(second, {d: 21 for d in devices})
+    assert all(a["duplicates"] == 1 and a["stored"] == 20 for a in accounts.values())
+    assert asyncio.run(stored_messages(settings, f"dev-{run_id}-"))[1] == 20 * len(devices)
 
 
-def test_two_workers_split_the_partitions_and_answer_for_each_other(stack, start_worker, devices):
+def test_two_workers_split_the_partitions_and_answer_for_each_other(settings, start_worker, devices):
     one = start_worker()
     one.wait_ready()
     two = start_worker()
     two.wait_ready()
-    asyncio.run(produce_telemetry(stack, devices, per_device=30))
-    expected = {d: 30 for d in devices}
+    asyncio.run(produce_telemetry(settings, devices, per_device=10))
+    expected = {d: 10 for d in devices}
     # Each device lives on one worker; @app.table_route forwards the request to its owner.
-    assert wait_for_counts(one, expected) == expected
-    assert counts_via(two, devices) == expected
-    assert "partitions" in one.log_text() and "partitions" in two.log_text()
+    assert received(wait_until_received(one, expected)) == expected
+    assert received(accounts_via(two, devices)) == expected
+    status, fleet = http_get_json(f"{two.url}/api/v1/pipeline/accounting")
+    assert status == 200
+    assert len(fleet["workers"]) == 2 and fleet["workers_unreachable"] == []
+    assert fleet["received"] == fleet["accepted"] == 10 * len(devices)
 
 
-def test_an_exactly_once_worker_counts_through_kafka_transactions(stack, start_worker, devices):
+def test_an_exactly_once_worker_stores_through_kafka_transactions(settings, start_worker, devices, run_id):
     worker = start_worker(IOTFLOW_PROCESSING_GUARANTEE="exactly_once")
     worker.wait_ready()
-    asyncio.run(produce_telemetry(stack, devices, per_device=20))
-    assert wait_for_counts(worker, {d: 20 for d in devices}) == {d: 20 for d in devices}
+    asyncio.run(produce_telemetry(settings, devices, per_device=10))
+    accounts = wait_until_received(worker, {d: 10 for d in devices})
+    assert all(a["stored"] == 10 for a in accounts.values())
     assert worker.terminate() == 0
 
 

@@ -1,26 +1,28 @@
-"""Fixtures for tests against the real local stack that `make test` starts."""
+"""Fixtures for tests against the real local stack that `make test` starts (integration, reliability)."""
 from __future__ import annotations
 
 import asyncio
-import json
+import dataclasses
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from aiokafka import AIOKafkaProducer
 
 from iotflow.kafka_admin import ensure_topics
+from iotflow.migrate import migrator
 from iotflow.settings import Settings
 from iotflow.stack import services
 from iotflow.testing import WorkerProcess, free_port
-from iotflow.topics import SENSOR_DATA
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
-        if "tests/integration/" in str(item.path):
+        path = str(item.path)
+        if "tests/integration/" in path:
             item.add_marker(pytest.mark.integration)
+        elif "tests/reliability/" in path:
+            item.add_marker(pytest.mark.reliability)
 
 
 @pytest.fixture(scope="session")
@@ -30,7 +32,7 @@ def stack() -> Settings:
     down = [s.name for s in (svc.status() for svc in services(settings).values()) if not s.up]
     if down:
         pytest.fail(f"the local stack is not up ({', '.join(down)}): `make test` starts it before the tests")
-    asyncio.run(ensure_topics(settings))
+    asyncio.run(migrator(settings).up())
     return settings
 
 
@@ -41,7 +43,15 @@ def run_id() -> str:
 
 
 @pytest.fixture
-def start_worker(stack: Settings, tmp_path: Path, run_id: str) -> Iterator[Callable[..., WorkerProcess]]:
+def settings(stack: Settings, run_id: str) -> Settings:
+    """The stack's settings with this test's own topics (created here) and app id."""
+    own = dataclasses.replace(stack, topic_prefix=f"t{run_id}-", app_id=f"iotflow-test-{run_id}")
+    asyncio.run(ensure_topics(own))
+    return own
+
+
+@pytest.fixture
+def start_worker(settings: Settings, tmp_path: Path) -> Iterator[Callable[..., WorkerProcess]]:
     """Factory: start a worker of this test's app (same app id = same consumer group and tables)."""
     started: list[WorkerProcess] = []
 
@@ -49,7 +59,8 @@ def start_worker(stack: Settings, tmp_path: Path, run_id: str) -> Iterator[Calla
         port = overrides.pop("IOTFLOW_WEB_PORT", None) or str(free_port())
         state = tmp_path / (f"worker-{port}-{uuid.uuid4().hex[:6]}" if fresh_state else f"worker-{port}")
         env = {
-            "IOTFLOW_APP_ID": f"iotflow-test-{run_id}",
+            "IOTFLOW_APP_ID": settings.app_id,
+            "IOTFLOW_TOPIC_PREFIX": settings.topic_prefix,
             "IOTFLOW_WEB_PORT": port,
             "IOTFLOW_DATA_DIR": str(state),
             **overrides,
@@ -61,22 +72,3 @@ def start_worker(stack: Settings, tmp_path: Path, run_id: str) -> Iterator[Calla
     yield start
     for worker in started:
         worker.__exit__(None, None, None)
-
-
-def telemetry(device_id: str, seq: int) -> bytes:
-    return json.dumps({"device_id": device_id, "msg_id": f"{device_id}-{seq}", "seq": seq,
-                       "ts": 1_700_000_000_000 + seq, "metrics": {"temp": 20.5}}).encode()
-
-
-async def produce_telemetry(settings: Settings, devices: list[str], per_device: int) -> int:
-    """Send ``per_device`` messages for each device, keyed by device id, acks=all; return the count."""
-    producer = AIOKafkaProducer(bootstrap_servers=settings.kafka_bootstrap, acks="all", enable_idempotence=True)
-    await producer.start()
-    try:
-        for seq in range(per_device):
-            for device_id in devices:
-                await producer.send(SENSOR_DATA, telemetry(device_id, seq), key=device_id.encode())
-        await producer.flush()
-    finally:
-        await producer.stop()
-    return len(devices) * per_device

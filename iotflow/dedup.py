@@ -1,0 +1,133 @@
+"""Deduplication and per-device accounting decisions (plain logic, no I/O).
+
+A *mark* remembers that a message (device_id, msg_id) was seen, and where: the Kafka partition and
+offset of the message that made it. That is what keeps invariant 3 without ordering the dedup
+table's changelog behind the sink: when a worker crashes after marking but before the rows are
+durable, its offset was not committed, so the same message comes back at the same offset, finds
+its own mark, and is written again. A different message with the same msg_id finds a mark with
+another offset: a duplicate.
+
+Marks expire after the dedup window. Faust's windowed tables only schedule expiry for keys
+written by the running process, so keys restored from the changelog after a restart would never
+expire (faust issue #385); :class:`ExpiryIndex` is filled from restored marks as well.
+"""
+from __future__ import annotations
+
+import heapq
+from dataclasses import dataclass, field
+from enum import Enum
+
+
+class Verdict(Enum):
+    NEW = "new"  # first time seen: store it and mark it
+    DUPLICATE = "duplicate"  # another message already carried this msg_id: count, don't store
+    REPLAY = "replay"  # this very message again (a restart replayed it): store again, count nothing
+
+
+@dataclass(frozen=True)
+class Mark:
+    partition: int
+    offset: int
+    seen_at_ms: int
+
+    def to_json(self) -> list[int]:
+        return [self.partition, self.offset, self.seen_at_ms]
+
+    @classmethod
+    def from_json(cls, value: list[int]) -> Mark:
+        return cls(int(value[0]), int(value[1]), int(value[2]))
+
+
+def dedup_key(device_id: str, msg_id: str) -> bytes:
+    """The dedup table's key; neither id may contain the separator (validation allows [A-Za-z0-9_.:-])."""
+    return f"{device_id}/{msg_id}".encode()
+
+
+def verdict(mark: Mark | None, partition: int, offset: int) -> Verdict:
+    if mark is None:
+        return Verdict.NEW
+    if (mark.partition, mark.offset) == (partition, offset):
+        return Verdict.REPLAY
+    return Verdict.DUPLICATE
+
+
+@dataclass
+class ExpiryIndex:
+    """Which marks expire when, per partition, so they can be deleted from inside that partition's stream."""
+
+    window_ms: int
+    _heaps: dict[int, list[tuple[int, bytes]]] = field(default_factory=dict)
+
+    def add(self, key: bytes, mark: Mark) -> None:
+        heapq.heappush(self._heaps.setdefault(mark.partition, []), (mark.seen_at_ms + self.window_ms, key))
+
+    def expired(self, partition: int, now_ms: int, limit: int) -> list[bytes]:
+        """Pop up to ``limit`` keys of ``partition`` whose window has passed."""
+        heap = self._heaps.get(partition)
+        keys: list[bytes] = []
+        while heap and len(keys) < limit and heap[0][0] <= now_ms:
+            keys.append(heapq.heappop(heap)[1])
+        return keys
+
+    def drop_partitions_except(self, keep: set[int]) -> None:
+        for partition in list(self._heaps):
+            if partition not in keep:
+                del self._heaps[partition]
+
+    def __len__(self) -> int:
+        return sum(len(h) for h in self._heaps.values())
+
+
+@dataclass(frozen=True)
+class DeviceAccount:
+    """What one device's messages have done so far. ``last_offset`` makes updates replay-safe."""
+
+    received: int = 0
+    accepted: int = 0
+    duplicates: int = 0
+    invalid: int = 0
+    min_seq: int | None = None
+    max_seq: int | None = None
+    last_offset: int = -1
+    last_seen_ms: int = 0
+
+    @property
+    def gaps(self) -> int:
+        """Sequence numbers between the lowest and highest seen that never arrived."""
+        if self.min_seq is None or self.max_seq is None:
+            return 0
+        return max(0, self.max_seq - self.min_seq + 1 - self.accepted)
+
+    def already_counted(self, offset: int) -> bool:
+        """A message at or below the last counted offset was counted before a restart replayed it."""
+        return offset <= self.last_offset
+
+    def count(self, outcome: Verdict | None, offset: int, now_ms: int, seq: int | None = None) -> DeviceAccount:
+        """The account after one more message: ``outcome`` None means invalid."""
+        changes: dict[str, object] = {"received": self.received + 1, "last_offset": offset, "last_seen_ms": now_ms}
+        if outcome is None:
+            changes["invalid"] = self.invalid + 1
+        elif outcome is Verdict.DUPLICATE:
+            changes["duplicates"] = self.duplicates + 1
+        elif outcome is Verdict.NEW:
+            assert seq is not None
+            changes["accepted"] = self.accepted + 1
+            changes["min_seq"] = seq if self.min_seq is None else min(self.min_seq, seq)
+            changes["max_seq"] = seq if self.max_seq is None else max(self.max_seq, seq)
+        return DeviceAccount(**{**self.to_json(), **changes})
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "received": self.received,
+            "accepted": self.accepted,
+            "duplicates": self.duplicates,
+            "invalid": self.invalid,
+            "min_seq": self.min_seq,
+            "max_seq": self.max_seq,
+            "last_offset": self.last_offset,
+            "last_seen_ms": self.last_seen_ms,
+        }
+
+    @classmethod
+    def from_json(cls, value: dict[str, object] | None) -> DeviceAccount:
+        return cls(**value) if value else cls()  # type: ignore[arg-type]

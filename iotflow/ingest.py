@@ -1,0 +1,177 @@
+"""The ingest pipeline behind the ingest agent: validate → DLQ, dedup, account, batch → sink → ack.
+
+:meth:`IngestPipeline.handle` runs inside the agent's iteration of each event, so every table
+write lands in that event's partition (changelog and RocksDB alike). Rows wait in a bounded batch;
+:meth:`IngestPipeline.flush` (when the batch is full, on a timer, and on stop) runs the steps in
+this order:
+
+1. wait until every DLQ record of the batch is confirmed by Kafka (acks=all);
+2. write the batch's rows through the idempotent sink (retrying while the database is away —
+   the agent blocks meanwhile: backpressure, and Kafka keeps the backlog);
+3. acknowledge the batch's events, in order, so Faust may commit their offsets.
+
+Nothing is acknowledged before it is durable (invariant 1); the sink's ON CONFLICT and the marks'
+offsets make every replay harmless (invariants 2 and 3); an invalid message costs one DLQ record,
+never the stream (invariant 4).
+"""
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+import faust
+import structlog
+from faust.types import EventT
+
+from iotflow import metrics
+from iotflow.dedup import DeviceAccount, ExpiryIndex, Mark, Verdict, dedup_key, verdict
+from iotflow.errors import InvalidPayload, SinkRejected
+from iotflow.sinks.timescale import MeasurementSink, Row
+from iotflow.telemetry import Limits, parse
+
+log = structlog.get_logger(__name__)
+
+_EXPIRE_PER_EVENT = 8  # marks deleted per event at most: expiry keeps pace without bursts
+
+
+@dataclass
+class _Pending:
+    event: EventT
+    rows: list[Row] = field(default_factory=list)
+    dlq: Awaitable[object] | None = None
+
+
+class IngestPipeline:
+    def __init__(
+        self,
+        *,
+        sink: MeasurementSink,
+        dlq: faust.TopicT,
+        marks: faust.Table,
+        accounts: faust.Table,
+        limits: Limits,
+        batch_size: int,
+        dedup_window_s: float,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.sink = sink
+        self.dlq = dlq
+        self.marks = marks
+        self.accounts = accounts
+        self.limits = limits
+        self.batch_size = batch_size
+        self.window_ms = int(dedup_window_s * 1000)
+        self.clock = clock
+        self._expiry = ExpiryIndex(self.window_ms)
+        self._indexed = False
+        self._pending: list[_Pending] = []
+        self._pending_rows = 0
+        self._flush_lock = asyncio.Lock()
+
+    def on_partitions_assigned(self, assigned_partitions: set[int]) -> None:
+        """Rebuild the expiry index at the next event: restored marks must expire too."""
+        self._expiry.drop_partitions_except(assigned_partitions)
+        self._indexed = False
+
+    def _index_restored_marks(self) -> None:
+        self._expiry = ExpiryIndex(self.window_ms)
+        for key, value in self.marks.items():
+            self._expiry.add(key, Mark.from_json(value))
+        self._indexed = True
+        log.info("dedup_expiry_indexed", marks=len(self._expiry))
+
+    def _expire(self, partition: int, now_ms: int) -> None:
+        for key in self._expiry.expired(partition, now_ms, _EXPIRE_PER_EVENT):
+            if key in self.marks:
+                del self.marks[key]
+                metrics.DEDUP_EXPIRED.inc()
+
+    async def handle(self, event: EventT) -> None:
+        """Decide what one message is, record it in the tables and queue its rows; flush when full."""
+        message = event.message
+        now_ms = int(self.clock() * 1000)
+        if not self._indexed:
+            self._index_restored_marks()
+        self._expire(message.partition, now_ms)
+        device_key: bytes = message.key or b""
+        account = DeviceAccount.from_json(self.accounts.get(device_key))
+        counted = account.already_counted(message.offset)
+        pending = _Pending(event)
+        try:
+            telemetry = parse(event.value, self.limits)
+            if telemetry.device_id.encode() != device_key:
+                raise InvalidPayload(
+                    "device_id", telemetry.device_id, f"does not match the message key {device_key!r} (identity_mismatch)"
+                )
+        except InvalidPayload as exc:
+            pending.dlq = await self._send_to_dlq(event, "invalid", exc.field, str(exc))
+            if not counted:
+                self.accounts[device_key] = account.count(None, message.offset, now_ms).to_json()
+            metrics.MESSAGES.labels("invalid").inc()
+        else:
+            key = dedup_key(telemetry.device_id, telemetry.msg_id)
+            stored_mark = self.marks.get(key)
+            outcome = verdict(Mark.from_json(stored_mark) if stored_mark else None, message.partition, message.offset)
+            if outcome is Verdict.NEW:
+                mark = Mark(message.partition, message.offset, now_ms)
+                self.marks[key] = mark.to_json()
+                self._expiry.add(key, mark)
+            if outcome is not Verdict.DUPLICATE:
+                pending.rows = telemetry.rows()
+            if not counted:
+                self.accounts[device_key] = account.count(outcome, message.offset, now_ms, telemetry.seq).to_json()
+            metrics.MESSAGES.labels(outcome.value if not counted else "replay").inc()
+        self._pending.append(pending)
+        self._pending_rows += len(pending.rows)
+        if self._pending_rows >= self.batch_size or len(self._pending) >= 4 * self.batch_size:
+            await self.flush()
+
+    async def _send_to_dlq(self, event: EventT, kind: str, field_name: str, reason: str) -> Awaitable[object]:
+        message = event.message
+        headers = [
+            ("iotflow-error", kind.encode()),
+            ("iotflow-field", field_name.encode()),
+            ("iotflow-reason", reason.encode()),
+            ("iotflow-source-topic", message.topic.encode()),
+            ("iotflow-source-partition", str(message.partition).encode()),
+            ("iotflow-source-offset", str(message.offset).encode()),
+        ]
+        log.warning("message_to_dlq", kind=kind, field=field_name, reason=reason,
+                    partition=message.partition, offset=message.offset)
+        metrics.DLQ.labels(kind).inc()
+        return await self.dlq.send(key=message.key, value=message.value, headers=headers)
+
+    async def flush(self) -> None:
+        """Make the queued batch durable, then acknowledge its events (see the module docstring)."""
+        async with self._flush_lock:
+            batch, self._pending, self._pending_rows = self._pending, [], 0
+            if not batch:
+                return
+            for pending in batch:
+                if pending.dlq is not None:
+                    await pending.dlq
+            rows = [row for pending in batch for row in pending.rows]
+            started = time.perf_counter()
+            try:
+                stored = await self.sink.write(rows)
+            except SinkRejected as exc:
+                log.error("sink_rejected_batch", rows=len(rows), error=str(exc))
+                stored = await self._write_each(batch)
+            metrics.SINK_BATCH_SECONDS.observe(time.perf_counter() - started)
+            metrics.ROWS_STORED.inc(stored)
+            for pending in batch:
+                pending.event.ack()
+
+    async def _write_each(self, batch: list[_Pending]) -> int:
+        """After a rejected batch: write message by message; what the database refuses goes to the DLQ."""
+        stored = 0
+        for pending in batch:
+            if not pending.rows:
+                continue
+            try:
+                stored += await self.sink.write(pending.rows)
+            except SinkRejected as exc:
+                await (await self._send_to_dlq(pending.event, "rejected", "rows", str(exc)))
+        return stored

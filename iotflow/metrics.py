@@ -1,0 +1,18 @@
+"""Prometheus metrics of iotflow (served at /metrics). No per-device labels: cardinality stays bounded."""
+from __future__ import annotations
+
+from prometheus_client import Counter, Histogram
+
+MESSAGES = Counter(
+    "iotflow_ingest_messages_total",
+    "Messages the ingest agent decided on, by outcome (new, duplicate, invalid, replay).",
+    ["outcome"],
+)
+ROWS_STORED = Counter("iotflow_sink_rows_stored_total", "Measurement rows the sink inserted (new rows only).")
+DLQ = Counter("iotflow_dlq_messages_total", "Messages sent to sensor-data-dlq, by kind (invalid, rejected).", ["kind"])
+DEDUP_EXPIRED = Counter("iotflow_dedup_marks_expired_total", "Dedup marks deleted after the dedup window.")
+SINK_BATCH_SECONDS = Histogram(
+    "iotflow_sink_batch_seconds",
+    "Time to make one batch durable (DLQ confirmations + COPY + commit), retries included.",
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
+)

@@ -1,0 +1,180 @@
+"""The measurement sink: batches of rows into ``sensor_measurements`` with asyncpg COPY, idempotently.
+
+How one batch is written (the heart of invariants 1-3):
+
+1. The rows are COPYed (binary protocol) into a per-connection temporary staging table.
+2. ``INSERT INTO sensor_measurements SELECT … FROM staging ON CONFLICT DO NOTHING`` moves them over;
+   a row whose measurement key (device_id, time, metric, msg_id) exists is skipped, so a batch
+   replayed after a crash, or a duplicate the dedup table missed, stores nothing twice.
+3. COMMIT. Only when :meth:`MeasurementSink.write` has returned does the ingest agent acknowledge
+   the batch's Kafka events, so Faust's offset commit never passes a row that is not durable.
+   The dedup table's changelog may run ahead of the sink: its marks carry the offset of the
+   message that made them, so a replayed original is recognised as itself and written again.
+
+Retriable failures (connection lost, timeouts, shutdown, failover, serialisation) are retried with
+exponential backoff and full jitter for as long as it takes; while they last the agent blocks and
+Kafka holds the backlog (backpressure with bounded memory). A circuit breaker stops hammering a
+database that is down. Anything else is :class:`SinkRejected`: the caller decides (the ingest
+agent splits the batch and sends the rows the database refuses to the DLQ).
+"""
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+from collections.abc import Sequence
+
+import asyncpg
+import structlog
+from tenacity import AsyncRetrying, retry_if_exception, wait_random_exponential
+
+from iotflow.breaker import CircuitBreaker
+from iotflow.errors import CircuitOpen, SinkRejected, SinkUnavailable
+
+log = structlog.get_logger(__name__)
+
+COLUMNS = ("time", "device_id", "metric", "value", "msg_id", "seq")
+Row = tuple[dt.datetime, str, str, float, str, int]
+
+_STAGE = "iotflow_stage"
+_CREATE_STAGE = (
+    f"CREATE TEMP TABLE IF NOT EXISTS {_STAGE} "
+    "(time timestamptz, device_id text, metric text, value double precision, msg_id text, seq bigint) "
+    "ON COMMIT DELETE ROWS"
+)
+_MOVE = (
+    f"INSERT INTO sensor_measurements ({', '.join(COLUMNS)}) "
+    f"SELECT {', '.join(COLUMNS)} FROM {_STAGE} ON CONFLICT DO NOTHING"
+)
+
+# SQLSTATE classes and codes after which the same write can succeed: connection exceptions (08),
+# insufficient resources (53), operator intervention (57: shutdown, cancel by statement_timeout),
+# transaction rollback (40: serialization, deadlock), and "cannot connect now" during recovery.
+_RETRIABLE_CLASSES = ("08", "40", "53", "57", "58")
+_NO_PARTITION = "23514"  # check_violation: raised for a row with no partition to go to
+
+
+def is_retriable(exc: BaseException) -> bool:
+    """Whether a failed write may succeed if tried again unchanged."""
+    if isinstance(exc, SinkUnavailable):
+        return True
+    if isinstance(exc, asyncpg.PostgresError):
+        code = getattr(exc, "sqlstate", None) or ""
+        return code[:2] in _RETRIABLE_CLASSES
+    return isinstance(exc, OSError | asyncio.TimeoutError | asyncpg.InterfaceError)
+
+
+class MeasurementSink:
+    """Owns a bounded asyncpg pool and writes batches of measurement rows idempotently."""
+
+    def __init__(
+        self,
+        dsn: str,
+        *,
+        pool_size: int,
+        connect_timeout_s: float,
+        command_timeout_s: float,
+        breaker: CircuitBreaker | None = None,
+        max_backoff_s: float = 10.0,
+    ) -> None:
+        self.dsn = dsn
+        self.pool_size = pool_size
+        self.connect_timeout_s = connect_timeout_s
+        self.command_timeout_s = command_timeout_s
+        self.breaker = breaker or CircuitBreaker("timescale")
+        self.max_backoff_s = max_backoff_s
+        self._pool: asyncpg.Pool | None = None
+        self._pool_lock = asyncio.Lock()
+
+    async def start(self) -> None:
+        """Open the pool now if the database answers; otherwise the first write opens it."""
+        try:
+            await self._get_pool()
+        except SinkUnavailable as exc:
+            log.warning("sink_unavailable_at_start", error=str(exc))
+
+    async def stop(self) -> None:
+        if self._pool is not None:
+            pool, self._pool = self._pool, None
+            await asyncio.shield(pool.close())
+
+    async def _get_pool(self) -> asyncpg.Pool:
+        async with self._pool_lock:
+            if self._pool is None:
+                try:
+                    self._pool = await asyncpg.create_pool(
+                        self.dsn,
+                        min_size=1,
+                        max_size=self.pool_size,
+                        timeout=self.connect_timeout_s,
+                        command_timeout=self.command_timeout_s,
+                        max_inactive_connection_lifetime=60.0,
+                        server_settings={
+                            "application_name": "iotflow-sink",
+                            "statement_timeout": str(int(self.command_timeout_s * 1000)),
+                        },
+                        init=_init_connection,
+                    )
+                except Exception as exc:
+                    if is_retriable(exc):
+                        raise SinkUnavailable(f"cannot open a pool to the time-series database: {exc}") from exc
+                    raise
+            return self._pool
+
+    async def write(self, rows: Sequence[Row]) -> int:
+        """Write ``rows`` (retrying retriable failures until they succeed); return how many were new."""
+        if not rows:
+            return 0
+        retrying = AsyncRetrying(
+            retry=retry_if_exception(is_retriable),
+            wait=wait_random_exponential(multiplier=0.1, max=self.max_backoff_s),
+            reraise=True,
+        )
+        async for attempt in retrying:
+            with attempt:
+                return await self._write_once(rows)
+        raise AssertionError("unreachable: tenacity retries until success or a non-retriable error")
+
+    async def _write_once(self, rows: Sequence[Row]) -> int:
+        try:
+            self.breaker.check()
+        except CircuitOpen as exc:
+            await asyncio.sleep(exc.retry_after)
+            raise
+        try:
+            pool = await self._get_pool()
+            async with pool.acquire(timeout=self.connect_timeout_s) as conn:
+                async with conn.transaction():
+                    await conn.copy_records_to_table(_STAGE, records=rows, columns=COLUMNS)
+                    status = await conn.execute(_MOVE)
+        except Exception as exc:
+            if is_retriable(exc):
+                self.breaker.record_failure()
+                log.warning("sink_write_failed", retriable=True, error=str(exc), breaker=self.breaker.state.value)
+                raise
+            if isinstance(exc, asyncpg.PostgresError) and exc.sqlstate == _NO_PARTITION:
+                # A day without a partition (upkeep has not run yet): make it and try again.
+                await self.ensure_partitions()
+                raise SinkUnavailable(str(exc)) from exc
+            raise SinkRejected(f"{exc.__class__.__name__}: {exc}") from exc
+        self.breaker.record_success()
+        return int(status.rsplit(" ", 1)[-1])
+
+    async def upkeep(self, *, retention_days: int) -> tuple[int, int]:
+        """Daily partitions ahead and retention behind (plain PostgreSQL); returns (created, dropped)."""
+        created = await self.ensure_partitions(days_back=retention_days + 1)
+        pool = await self._get_pool()
+        async with pool.acquire(timeout=self.connect_timeout_s) as conn:
+            dropped = await conn.fetchval(
+                "SELECT iotflow_drop_measurement_partitions(make_interval(days => $1))", retention_days
+            )
+        return created, int(dropped)
+
+    async def ensure_partitions(self, days_back: int = 91, days_ahead: int = 7) -> int:
+        """Create the missing daily partitions (plain PostgreSQL; a no-op on a hypertable)."""
+        pool = await self._get_pool()
+        async with pool.acquire(timeout=self.connect_timeout_s) as conn:
+            return int(await conn.fetchval("SELECT iotflow_ensure_measurement_partitions($1, $2)", days_back, days_ahead))
+
+
+async def _init_connection(conn: asyncpg.Connection) -> None:
+    await conn.execute(_CREATE_STAGE)

@@ -1,0 +1,82 @@
+from __future__ import annotations
+
+from hypothesis import given, settings, strategies as st
+
+from iotflow.dedup import DeviceAccount, ExpiryIndex, Mark, Verdict, dedup_key, verdict
+
+
+def test_the_first_message_with_a_msg_id_is_new():
+    assert verdict(None, partition=3, offset=10) is Verdict.NEW
+
+
+def test_a_later_message_with_the_same_msg_id_is_a_duplicate():
+    assert verdict(Mark(3, 10, 0), partition=3, offset=11) is Verdict.DUPLICATE
+
+
+def test_the_marking_message_replayed_after_a_crash_is_recognised_as_itself():
+    # Invariant 3: the mark outlived the rows; the replayed original must be written again.
+    assert verdict(Mark(3, 10, 0), partition=3, offset=10) is Verdict.REPLAY
+
+
+def test_marks_survive_their_json_form():
+    mark = Mark(2, 99, 1_700_000_000_000)
+    assert Mark.from_json(mark.to_json()) == mark
+
+
+def test_keys_join_device_and_msg_id():
+    assert dedup_key("dev-1", "m-1") == b"dev-1/m-1"
+
+
+def test_expiry_pops_only_expired_keys_of_one_partition_up_to_a_limit():
+    index = ExpiryIndex(window_ms=1000)
+    for i in range(5):
+        index.add(f"k{i}".encode(), Mark(0, i, seen_at_ms=i * 100))
+    index.add(b"other", Mark(1, 0, seen_at_ms=0))
+    assert index.expired(0, now_ms=1250, limit=10) == [b"k0", b"k1", b"k2"]
+    assert index.expired(0, now_ms=5000, limit=1) == [b"k3"]
+    assert index.expired(1, now_ms=999, limit=10) == []
+    assert len(index) == 2
+
+
+def test_restored_marks_are_indexed_and_expire_like_new_ones():
+    # faust #385: recovered keys never expired. Here restored marks go through the same index.
+    restored = {b"a": Mark(0, 1, 0), b"b": Mark(0, 2, 5000)}
+    index = ExpiryIndex(window_ms=1000)
+    for key, mark in restored.items():
+        index.add(key, mark)
+    assert index.expired(0, now_ms=2000, limit=10) == [b"a"]
+
+
+def test_partitions_given_away_are_dropped_from_the_index():
+    index = ExpiryIndex(window_ms=10)
+    index.add(b"a", Mark(0, 1, 0))
+    index.add(b"b", Mark(1, 1, 0))
+    index.drop_partitions_except({1})
+    assert index.expired(0, 100, 10) == [] and index.expired(1, 100, 10) == [b"b"]
+
+
+def test_an_account_counts_each_kind_of_message():
+    account = DeviceAccount()
+    account = account.count(Verdict.NEW, offset=0, now_ms=1, seq=5)
+    account = account.count(Verdict.DUPLICATE, offset=1, now_ms=2)
+    account = account.count(None, offset=2, now_ms=3)
+    account = account.count(Verdict.NEW, offset=3, now_ms=4, seq=8)
+    assert (account.received, account.accepted, account.duplicates, account.invalid) == (4, 2, 1, 1)
+    assert (account.min_seq, account.max_seq, account.gaps) == (5, 8, 2)  # seqs 6 and 7 never came
+    assert account.already_counted(3) and not account.already_counted(4)
+    assert DeviceAccount.from_json(account.to_json()) == account
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.integers(min_value=0, max_value=200), min_size=1, max_size=300))
+def test_gaps_are_the_sequence_numbers_that_never_arrived(seqs):
+    account, marks = DeviceAccount(), {}
+    for offset, seq in enumerate(seqs):
+        outcome = verdict(marks.get(seq), 0, offset)
+        if outcome is Verdict.NEW:
+            marks[seq] = Mark(0, offset, 0)
+        account = account.count(outcome, offset, 0, seq)
+    distinct = set(seqs)
+    assert account.accepted == len(distinct)
+    assert account.duplicates == len(seqs) - len(distinct)
+    assert account.gaps == len(set(range(min(seqs), max(seqs) + 1)) - distinct)
