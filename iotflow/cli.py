@@ -131,3 +131,49 @@ def migrate_status() -> None:
         click.echo(state.line())
     if not all(s.applied and not s.changed for s in states):
         sys.exit(1)
+
+
+@main.command()
+def bridge() -> None:
+    """Move device messages from MQTT to Kafka, acknowledging each only after Kafka has it."""
+    from iotflow.bridge import run_bridge
+
+    run_bridge(_settings())
+
+
+@main.command()
+@click.option("--devices", type=click.IntRange(min=1), default=10, show_default=True, help="simulated devices")
+@click.option("--count", type=click.IntRange(min=1), default=None, help="messages per device (default 100 unless --duration)")
+@click.option("--duration", type=click.FloatRange(min=0.1), default=None, help="seconds to run instead of a count")
+@click.option("--rate", type=click.FloatRange(min=0.01), default=10.0, show_default=True, help="messages/s per device")
+@click.option("--duplicates", type=click.FloatRange(0, 1), default=0.0, show_default=True, help="share sent twice (same msg_id)")
+@click.option("--malformed", type=click.FloatRange(0, 1), default=0.0, show_default=True, help="share of extra malformed payloads")
+@click.option("--seed", type=int, default=0, show_default=True, help="makes every random choice reproducible")
+@click.option("--prefix", default="sim", show_default=True, help="device ids are PREFIX-00000, PREFIX-00001, …")
+@click.option("--summary", type=click.Path(dir_okay=False, writable=True), default=None, help="write the JSON summary here (default: stdout)")
+def simulate(devices: int, count: int | None, duration: float | None, rate: float, duplicates: float,
+             malformed: float, seed: int, prefix: str, summary: str | None) -> None:
+    """Run a fleet of simulated devices publishing telemetry over MQTT (QoS 1); print what each sent."""
+    import json
+
+    from iotflow.simulator import Fleet, FleetConfig
+
+    config = FleetConfig(
+        devices=devices,
+        messages_per_device=None if duration is not None and count is None else (count or 100),
+        duration_s=duration,
+        rate_per_device=rate,
+        duplicate_ratio=duplicates,
+        malformed_ratio=malformed,
+        seed=seed,
+        prefix=prefix,
+        progress=sys.stderr.isatty() or summary is not None,
+    )
+    result = Fleet(_settings(), config).run()
+    text = json.dumps(result, indent=2)
+    if summary:
+        with open(summary, "w") as out:
+            out.write(text)
+        click.echo(json.dumps(result["totals"]), err=True)
+    else:
+        click.echo(text)

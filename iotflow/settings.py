@@ -44,14 +44,20 @@ def _port(name: str, raw: str) -> int:
     return value
 
 
-def _positive_seconds(name: str, raw: str) -> float:
-    try:
-        value = float(raw)
-    except ValueError:
-        value = 0.0
-    if not value > 0 or value != value or value == float("inf"):
-        raise SettingsError(name, raw, "a positive number of seconds")
-    return value
+def _positive_number(what: str) -> Callable[[str, str], float]:
+    def parse(name: str, raw: str) -> float:
+        try:
+            value = float(raw)
+        except ValueError:
+            value = 0.0
+        if not value > 0 or value != value or value == float("inf"):
+            raise SettingsError(name, raw, f"a positive number of {what}")
+        return value
+
+    return parse
+
+
+_positive_seconds = _positive_number("seconds")
 
 
 def _ratio(name: str, raw: str) -> float:
@@ -155,6 +161,13 @@ class Settings:
     dedup_window_s: float = _setting(3600.0, _positive_seconds, "how long a msg_id is remembered as seen")
     max_clock_skew_s: float = _setting(300.0, _positive_seconds, "how far in the future a device's ts may be")
     retention_days: int = _setting(90, _positive_int, "hot window: measurements older than this are refused/dropped")
+    bridge_client_id: str = _setting(
+        "iotflow-bridge-1", _non_empty, "MQTT client id of a bridge: stable, and distinct per bridge"
+    )
+    bridge_group: str = _setting("iotflow-bridge", _non_empty, "shared-subscription group the bridges split load in")
+    bridge_max_in_flight: int = _setting(1000, _positive_int, "MQTT messages a bridge holds unacknowledged (Receive Maximum)")
+    bridge_device_rate_per_s: float = _setting(50.0, _positive_number("messages per second"), "messages/s a device may send before the bridge delays it")
+    bridge_device_burst: int = _setting(100, _positive_int, "messages a device may burst above its rate")
     loss_threshold: float = _setting(0.001, _ratio, "share of messages missing (seq gaps) that marks the pipeline unhealthy")
     stack_dir: Path = _setting(Path(".stack"), _path, "folder of the local stack's data and logs (iotflow stack)")
     log_level: str = _setting("info", _choice(*_LOG_LEVELS), "log level")

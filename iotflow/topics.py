@@ -11,9 +11,11 @@ from iotflow.settings import Settings
 
 SENSOR_DATA = "sensor-data"
 SENSOR_DATA_DLQ = "sensor-data-dlq"
+DEVICE_EVENTS = "device-events"
+FIRMWARE_STATUS = "firmware-status"
 
 # Topics iotflow creates up front (Faust creates its own changelog topics).
-ALL = (SENSOR_DATA, SENSOR_DATA_DLQ)
+ALL = (SENSOR_DATA, SENSOR_DATA_DLQ, DEVICE_EVENTS, FIRMWARE_STATUS)
 
 
 def name(settings: Settings, topic: str) -> str:

@@ -1,0 +1,230 @@
+"""A simulated fleet (``iotflow simulate``): N devices publishing telemetry over MQTT with QoS 1.
+
+Each device is a paho-mqtt client with a persistent session. It sends the design.md payload
+with ``seq`` increasing by one and a fresh ``msg_id`` per message; a fraction of messages are
+sent twice byte for byte (a device retry) and a fraction of extra, malformed payloads are mixed
+in (they take no ``seq``, so a perfect pipeline shows no gaps). While disconnected a device
+keeps its messages in paho's local queue and sends them on reconnect; reconnects wait with
+exponential backoff and full jitter. Everything random comes from ``--seed``.
+
+The returned summary says, per device, what was sent: it is what the accounting is checked
+against.
+"""
+from __future__ import annotations
+
+import json
+import random
+from collections import deque
+import sys
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from urllib.parse import urlsplit
+
+import paho.mqtt.client as mqtt
+
+from iotflow.backoff import full_jitter
+from iotflow.settings import Settings
+
+MALFORMED_KINDS = (
+    "not_json", "wrong_type", "missing_field", "unknown_field", "not_finite", "bad_device_id", "huge", "too_old",
+)
+
+
+@dataclass
+class DeviceReport:
+    device_id: str
+    sent: int = 0  # distinct valid messages (one per seq)
+    first_seq: int | None = None
+    last_seq: int | None = None
+    duplicates: int = 0
+    malformed: int = 0
+    acked: int = 0  # PUBACKs received from the broker (valid, duplicate and malformed alike)
+
+
+@dataclass
+class FleetConfig:
+    devices: int = 10
+    messages_per_device: int | None = 100
+    duration_s: float | None = None
+    rate_per_device: float = 10.0
+    duplicate_ratio: float = 0.0
+    malformed_ratio: float = 0.0
+    seed: int = 0
+    prefix: str = "sim"
+    heartbeat_s: float = 30.0
+    buffer_size: int = 100_000  # messages a disconnected device keeps locally
+    progress: bool = False
+
+
+@dataclass
+class _Device:
+    report: DeviceReport
+    client: mqtt.Client
+    rng: random.Random
+    seq: int = 0
+    reconnects: int = 0
+    connected: threading.Event = field(default_factory=threading.Event)
+    unacked: deque[mqtt.MQTTMessageInfo] = field(default_factory=deque)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+def malformed_payload(kind: str, device_id: str, rng: random.Random, now_ms: int) -> bytes:
+    """A payload the pipeline must send to the DLQ, of the given kind."""
+    good = {"device_id": device_id, "msg_id": f"bad-{rng.getrandbits(64):016x}", "seq": 0, "ts": now_ms,
+            "metrics": {"temp": 1.0}}
+    if kind == "not_json":
+        return b"{not json"
+    if kind == "wrong_type":
+        return json.dumps({**good, "seq": "seven"}).encode()
+    if kind == "missing_field":
+        return json.dumps({k: v for k, v in good.items() if k != "metrics"}).encode()
+    if kind == "unknown_field":
+        return json.dumps({**good, "firmware": "1.2.3"}).encode()
+    if kind == "not_finite":
+        return json.dumps(good).replace('"temp": 1.0', '"temp": 1e999').encode()
+    if kind == "bad_device_id":
+        return json.dumps({**good, "device_id": device_id + " x"}).encode()
+    if kind == "huge":
+        return json.dumps({**good, "metrics": {f"m{i}": float(i) for i in range(5000)}}).encode()
+    if kind == "too_old":
+        return json.dumps({**good, "ts": now_ms - 400 * 86_400_000}).encode()
+    raise ValueError(kind)
+
+
+class Fleet:
+    def __init__(self, settings: Settings, config: FleetConfig) -> None:
+        self.settings = settings
+        self.config = config
+        self.url = urlsplit(settings.mqtt_url)
+        master = random.Random(config.seed)
+        self.devices = [self._device(f"{config.prefix}-{i:05d}", random.Random(master.getrandbits(64)))
+                        for i in range(config.devices)]
+
+    def _device(self, device_id: str, rng: random.Random) -> _Device:
+        client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=device_id, clean_session=False,
+                             protocol=mqtt.MQTTv311)
+        client.max_queued_messages_set(self.config.buffer_size)
+        client.max_inflight_messages_set(100)
+        client.reconnect_delay_set(min_delay=1, max_delay=1)  # the jitter below does the real waiting
+        if self.url.username:
+            client.username_pw_set(self.url.username, self.url.password)
+        device = _Device(DeviceReport(device_id), client, rng)
+
+        def on_connect(c: mqtt.Client, u: object, flags: object, reason: object, props: object) -> None:
+            if not getattr(reason, "is_failure", False):
+                device.reconnects = 0
+                device.connected.set()
+
+        def on_disconnect(c: mqtt.Client, u: object, flags: object, reason: object, props: object) -> None:
+            device.connected.clear()
+            # Full jitter before paho's own reconnect: a fleet dropped at once comes back spread out.
+            time.sleep(full_jitter(device.reconnects, base_s=0.2, cap_s=10.0, rng=device.rng))
+            device.reconnects += 1
+
+        def on_publish(c: mqtt.Client, u: object, mid: int, reason: object, props: object) -> None:
+            with device.lock:
+                device.report.acked += 1
+
+        client.on_connect = on_connect
+        client.on_disconnect = on_disconnect
+        client.on_publish = on_publish
+        return device
+
+    def connect(self, timeout: float = 30.0) -> None:
+        for device in self.devices:
+            device.client.connect_async(self.url.hostname, self.url.port or 1883,
+                                        keepalive=int(self.settings.mqtt_keepalive_s))
+            device.client.loop_start()
+        deadline = time.monotonic() + timeout
+        for device in self.devices:
+            if not device.connected.wait(max(0.0, deadline - time.monotonic())):
+                raise TimeoutError(f"{device.report.device_id} could not connect to {self.settings.mqtt_url}")
+
+    def _publish(self, device: _Device, suffix: str, payload: bytes) -> None:
+        info = device.client.publish(f"devices/{device.report.device_id}/{suffix}", payload, qos=1)
+        device.unacked.append(info)
+        while device.unacked and device.unacked[0].is_published():
+            device.unacked.popleft()
+
+    def _send_one(self, device: _Device, now_ms: int) -> None:
+        cfg, report, rng = self.config, device.report, device.rng
+        if cfg.malformed_ratio and rng.random() < cfg.malformed_ratio:
+            self._publish(device, "telemetry", malformed_payload(rng.choice(MALFORMED_KINDS), report.device_id, rng, now_ms))
+            report.malformed += 1
+        seq = device.seq
+        device.seq += 1
+        payload = json.dumps({
+            "device_id": report.device_id,
+            "msg_id": f"{report.device_id}-{seq}-{rng.getrandbits(32):08x}",
+            "seq": seq,
+            "ts": now_ms,
+            "metrics": {"temp": round(20 + 5 * rng.random(), 3), "hum": round(40 + 10 * rng.random(), 3)},
+        }).encode()
+        self._publish(device, "telemetry", payload)
+        report.sent += 1
+        report.first_seq = seq if report.first_seq is None else report.first_seq
+        report.last_seq = seq
+        if cfg.duplicate_ratio and rng.random() < cfg.duplicate_ratio:
+            self._publish(device, "telemetry", payload)
+            report.duplicates += 1
+
+    def run(self) -> dict[str, object]:
+        """Connect, publish until the count or the duration is reached, wait for PUBACKs, disconnect."""
+        cfg = self.config
+        self.connect()
+        started = time.monotonic()
+        interval = 1.0 / cfg.rate_per_device
+        next_heartbeat = started
+        tick = 0
+        last_progress = started
+        while True:
+            now = time.monotonic()
+            if cfg.duration_s is not None and now - started >= cfg.duration_s:
+                break
+            if cfg.messages_per_device is not None and tick >= cfg.messages_per_device:
+                break
+            now_ms = int(time.time() * 1000)
+            for device in self.devices:
+                self._send_one(device, now_ms)
+            if now >= next_heartbeat:
+                for device in self.devices:
+                    self._publish(device, "heartbeat", json.dumps({"device_id": device.report.device_id, "ts": now_ms}).encode())
+                next_heartbeat = now + cfg.heartbeat_s
+            tick += 1
+            if cfg.progress and now - last_progress >= 2.0:
+                self._print_progress()
+                last_progress = now
+            sleep = started + tick * interval - time.monotonic()
+            if sleep > 0:
+                time.sleep(sleep)
+        self._wait_for_acks(timeout=120)
+        for device in self.devices:
+            device.client.disconnect()
+            device.client.loop_stop()
+        return self.summary(time.monotonic() - started)
+
+    def _wait_for_acks(self, timeout: float) -> None:
+        """Wait until the broker acknowledged every message the devices published (or the timeout)."""
+        deadline = time.monotonic() + timeout
+        for device in self.devices:
+            while device.unacked:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return
+                device.unacked[0].wait_for_publish(timeout=remaining)
+                if device.unacked[0].is_published():
+                    device.unacked.popleft()
+
+    def _print_progress(self) -> None:
+        sent = sum(d.report.sent for d in self.devices)
+        acked = sum(d.report.acked for d in self.devices)
+        connected = sum(d.connected.is_set() for d in self.devices)
+        sys.stderr.write(f"\rsimulate: {sent} messages sent, {acked} acknowledged, {connected}/{len(self.devices)} connected ")
+        sys.stderr.flush()
+
+    def summary(self, elapsed_s: float) -> dict[str, object]:
+        reports = [asdict(d.report) for d in self.devices]
+        totals = {k: sum(r[k] for r in reports) for k in ("sent", "duplicates", "malformed", "acked")}
+        return {"elapsed_s": round(elapsed_s, 3), "seed": self.config.seed, "totals": totals,
+                "devices": {r["device_id"]: r for r in reports}}

@@ -1,0 +1,69 @@
+"""End to end through MQTT: simulated devices → Mosquitto → bridge → Kafka → worker → PostgreSQL."""
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from iotflow.simulator import Fleet, FleetConfig
+from iotflow.testing import dlq_messages, http_get_json, stored_messages
+
+
+def start_bridge(settings, tmp_path: Path, client_id: str) -> subprocess.Popen[bytes]:
+    env = {**os.environ, "IOTFLOW_TOPIC_PREFIX": settings.topic_prefix, "IOTFLOW_BRIDGE_CLIENT_ID": client_id,
+           "IOTFLOW_BRIDGE_GROUP": f"g{settings.topic_prefix}", "IOTFLOW_BRIDGE_DEVICE_RATE_PER_S": "1000",
+           "IOTFLOW_BRIDGE_DEVICE_BURST": "1000"}
+    log = open(tmp_path / f"bridge-{client_id}.log", "ab")
+    return subprocess.Popen([str(Path(sys.executable).with_name("iotflow")), "bridge"], env=env,
+                            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+
+
+def wait_for_log(path: Path, text: str, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while text not in path.read_text(errors="replace"):
+        assert time.monotonic() < deadline, f"{text!r} not in {path}"
+        time.sleep(0.1)
+
+
+@pytest.mark.timeout(600)
+def test_fifty_devices_with_duplicates_and_malformed_store_exactly_the_unique_valid_messages(
+    settings, start_worker, run_id, tmp_path
+):
+    worker = start_worker()
+    worker.wait_ready()
+    bridge = start_bridge(settings, tmp_path, f"bridge-{run_id}")
+    try:
+        wait_for_log(tmp_path / f"bridge-bridge-{run_id}.log", "mqtt_connected")
+        config = FleetConfig(devices=50, messages_per_device=1000, rate_per_device=100.0, duplicate_ratio=0.10,
+                             malformed_ratio=0.02, seed=7, prefix=f"mq{run_id}")
+        summary = Fleet(settings, config).run()
+        totals = summary["totals"]
+        assert totals["sent"] == 50_000
+        assert totals["duplicates"] > 0 and totals["malformed"] > 0
+
+        deadline = time.monotonic() + 400
+        while asyncio.run(stored_messages(settings, f"mq{run_id}-"))[1] < totals["sent"]:
+            assert time.monotonic() < deadline, "not everything the devices sent was stored in time"
+            time.sleep(1)
+        rows, messages = asyncio.run(stored_messages(settings, f"mq{run_id}-"))
+        assert (rows, messages) == (2 * totals["sent"], totals["sent"])
+
+        dead = asyncio.run(dlq_messages(settings))
+        assert len(dead) == totals["malformed"]
+        assert all(dict(m.headers)["iotflow-reason"] for m in dead)
+
+        status, fleet = http_get_json(f"{worker.url}/api/v1/pipeline/accounting")
+        assert status == 200
+        assert fleet["accepted"] == totals["sent"]
+        assert fleet["duplicates"] == totals["duplicates"]
+        assert fleet["invalid"] == totals["malformed"]
+        assert fleet["gaps"] == 0 and fleet["healthy"]
+    finally:
+        bridge.send_signal(signal.SIGTERM)
+        assert bridge.wait(timeout=30) == 0

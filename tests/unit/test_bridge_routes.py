@@ -1,0 +1,27 @@
+from __future__ import annotations
+
+import pytest
+
+from iotflow.bridge import Route, route, subscriptions
+
+
+@pytest.mark.parametrize(
+    ("topic", "expected"),
+    [
+        ("devices/d1/telemetry", Route("d1", "telemetry", "sensor-data")),
+        ("devices/d1/heartbeat", Route("d1", "heartbeat", "device-events")),
+        ("devices/d1/firmware/status", Route("d1", "firmware/status", "firmware-status")),
+    ],
+)
+def test_device_topics_map_to_kafka_topics_keyed_by_the_device(topic, expected):
+    assert route(topic) == expected
+
+
+@pytest.mark.parametrize("topic", ["devices//telemetry", "devices/d1/commands", "other/d1/telemetry", "devices/d1"])
+def test_anything_else_is_not_served(topic):
+    assert route(topic) is None
+
+
+def test_bridges_share_one_subscription_per_device_topic():
+    assert subscriptions("g") == ["$share/g/devices/+/telemetry", "$share/g/devices/+/heartbeat",
+                                  "$share/g/devices/+/firmware/status"]
