@@ -61,7 +61,7 @@ def test_three_kill_9s_during_a_run_lose_nothing_and_store_nothing_twice(setting
     after = wait_for(lambda: _settled(final, before["received"] + 100), timeout=120)
     assert after, "the retries were not counted"
     assert after["duplicates"] == before["duplicates"] + 100
-    assert after["accepted"] == before["accepted"] == len(originals)
+    assert after["accepted"] == before["accepted"]  # none of the retries was taken for new
     assert asyncio.run(stored_messages(settings, prefix)) == (rows, messages)
 
 
