@@ -82,12 +82,28 @@ def topics() -> None:
 
 @topics.command("create")
 def topics_create() -> None:
-    """Create iotflow's topics with the configured partitions, replication and min.insync.replicas."""
-    from iotflow.kafka_admin import ensure_topics
+    """Create iotflow's missing topics (partitions, replication, min.insync.replicas from settings);
+    report how existing ones differ from the settings."""
+    from iotflow.kafka_admin import drift, ensure_topics
 
     settings = _settings()
     created = asyncio.run(ensure_topics(settings))
     click.echo(f"created: {', '.join(created)}" if created else "all topics exist")
+    for difference in asyncio.run(drift(settings)):
+        click.echo(f"drift: {difference.line()}", err=True)
+
+
+@topics.command("check")
+def topics_check() -> None:
+    """Report how iotflow's topics differ from the settings; exit 1 on any difference."""
+    from iotflow.kafka_admin import drift
+
+    differences = asyncio.run(drift(_settings()))
+    for difference in differences:
+        click.echo(f"drift: {difference.line()}")
+    if differences:
+        sys.exit(1)
+    click.echo("topics match the settings")
 
 
 @main.group()

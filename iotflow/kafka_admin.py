@@ -1,42 +1,90 @@
-"""Creating iotflow's topics with their partitions, replication and configs (idempotent)."""
+"""iotflow's topics on the broker: created with their partitions, replication and configs, and
+checked against the settings (drift is reported, never "fixed" behind an operator's back)."""
 from __future__ import annotations
 
 import asyncio
+from dataclasses import dataclass
 
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 from aiokafka.errors import TopicAlreadyExistsError
 
 from iotflow import topics
 from iotflow.settings import Settings
 
 
-async def ensure_topics(settings: Settings, names: tuple[str, ...] = topics.ALL) -> list[str]:
-    """Create the topics in ``names`` that do not exist; return the ones created."""
+@dataclass(frozen=True)
+class Drift:
+    topic: str
+    what: str
+    expected: str
+    actual: str
+
+    def line(self) -> str:
+        return f"{self.topic}: {self.what} is {self.actual}, settings say {self.expected}"
+
+
+async def _admin(settings: Settings) -> AIOKafkaAdminClient:
     admin = AIOKafkaAdminClient(
         bootstrap_servers=settings.kafka_bootstrap,
         request_timeout_ms=int(settings.kafka_request_timeout_s * 1000),
     )
     await asyncio.wait_for(admin.start(), settings.kafka_request_timeout_s)
+    return admin
+
+
+async def ensure_topics(settings: Settings, names: tuple[str, ...] = topics.ALL) -> list[str]:
+    """Create the topics in ``names`` that do not exist; return the ones created."""
+    admin = await _admin(settings)
     try:
         existing = set(await admin.list_topics())
-        names = tuple(topics.name(settings, topic) for topic in names)
-        wanted = [
-            NewTopic(
+        created = []
+        for name in (topics.name(settings, topic) for topic in names):
+            if name in existing:
+                continue
+            topic = NewTopic(
                 name,
                 num_partitions=settings.topic_partitions,
                 replication_factor=settings.replication_factor,
                 topic_configs=topics.topic_config(settings),
             )
-            for name in names
-            if name not in existing
-        ]
-        created = []
-        for topic in wanted:
             try:
                 await admin.create_topics([topic], timeout_ms=int(settings.kafka_request_timeout_s * 1000))
-                created.append(topic.name)
+                created.append(name)
             except TopicAlreadyExistsError:
                 pass  # another process created it between list and create
         return created
+    finally:
+        await admin.close()
+
+
+async def drift(settings: Settings, names: tuple[str, ...] = topics.ALL) -> list[Drift]:
+    """How the existing topics differ from the settings: partitions, replicas, min.insync.replicas."""
+    admin = await _admin(settings)
+    try:
+        wanted = [topics.name(settings, topic) for topic in names]
+        existing = set(await admin.list_topics())
+        present = [name for name in wanted if name in existing]
+        found = [Drift(name, "existence", "present", "missing") for name in wanted if name not in existing]
+        if not present:
+            return found
+        for description in await admin.describe_topics(present):
+            name, partitions = description["topic"], description["partitions"]
+            if len(partitions) != settings.topic_partitions:
+                found.append(Drift(name, "partitions", str(settings.topic_partitions), str(len(partitions))))
+            replicas = {len(p["replicas"]) for p in partitions}
+            if replicas != {settings.replication_factor}:
+                actual = ",".join(str(r) for r in sorted(replicas))
+                found.append(Drift(name, "replication factor", str(settings.replication_factor), actual))
+        responses = await admin.describe_configs([ConfigResource(ConfigResourceType.TOPIC, n) for n in present])
+        for response in responses:
+            for resource in response.to_object()["resources"]:
+                for entry in resource["config_entries"]:
+                    if entry["config_names"] in topics.topic_config(settings):
+                        expected = topics.topic_config(settings)[entry["config_names"]]
+                        if entry["config_value"] != expected:
+                            found.append(Drift(resource["resource_name"], entry["config_names"], expected,
+                                               str(entry["config_value"])))
+        return found
     finally:
         await admin.close()

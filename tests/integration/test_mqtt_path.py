@@ -19,9 +19,9 @@ def start_bridge(settings, tmp_path: Path, client_id: str) -> subprocess.Popen[b
     env = {**os.environ, "IOTFLOW_TOPIC_PREFIX": settings.topic_prefix, "IOTFLOW_BRIDGE_CLIENT_ID": client_id,
            "IOTFLOW_BRIDGE_GROUP": f"g{settings.topic_prefix}", "IOTFLOW_BRIDGE_DEVICE_RATE_PER_S": "1000",
            "IOTFLOW_BRIDGE_DEVICE_BURST": "1000"}
-    log = open(tmp_path / f"bridge-{client_id}.log", "ab")
-    return subprocess.Popen([str(Path(sys.executable).with_name("iotflow")), "bridge"], env=env,
-                            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    with open(tmp_path / f"bridge-{client_id}.log", "ab") as log:
+        return subprocess.Popen([str(Path(sys.executable).with_name("iotflow")), "bridge"], env=env,
+                                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
 
 
 def wait_for_log(path: Path, text: str, timeout: float = 30.0) -> None:
