@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
-from aiokafka.errors import TopicAlreadyExistsError
+from aiokafka.errors import KafkaError, TopicAlreadyExistsError
 
 from iotflow import topics
 from iotflow.settings import Settings
@@ -48,11 +48,14 @@ async def ensure_topics(settings: Settings, names: tuple[str, ...] = topics.ALL)
                 replication_factor=settings.replication_factor,
                 topic_configs=topics.topic_config(settings),
             )
-            try:
-                await admin.create_topics([topic], timeout_ms=int(settings.kafka_request_timeout_s * 1000))
+            response = await admin.create_topics([topic], timeout_ms=int(settings.kafka_request_timeout_s * 1000))
+            # aiokafka returns per-topic error codes instead of raising them.
+            for _, code, *rest in response.topic_errors:
+                if code == TopicAlreadyExistsError.errno:
+                    continue  # created by another process (or metadata lagged behind a create)
+                if code:
+                    raise KafkaError(f"creating topic {name}: error {code} {rest[0] if rest else ''}")
                 created.append(name)
-            except TopicAlreadyExistsError:
-                pass  # another process created it between list and create
         return created
     finally:
         await admin.close()
