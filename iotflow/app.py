@@ -13,7 +13,7 @@ from iotflow.settings import Settings
 from iotflow.sinks.timescale import MeasurementSink
 from iotflow.tables import ingest as ingest_tables
 from iotflow.telemetry import Limits
-from iotflow.web import health, pipeline
+from iotflow.web import health, ingest as ingest_views, pipeline
 
 
 def create_app(settings: Settings) -> faust.App:
@@ -71,6 +71,7 @@ def create_app(settings: Settings) -> faust.App:
     ingest.register(app, settings, ingest_pipeline, sink)
     health.register(app)
     pipeline.register(app, settings, accounts)
+    ingest_views.register(app, settings)
     return app
 
 

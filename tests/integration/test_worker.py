@@ -30,14 +30,20 @@ def accounts_via(worker: WorkerProcess, devices: list[str]) -> dict[str, dict]:
     return accounts
 
 
-def wait_until_received(worker: WorkerProcess, expected: dict[str, int], timeout: float = 90.0) -> dict[str, dict]:
-    """Poll until every device's account has received its expected number of messages."""
+def wait_until_received(worker: WorkerProcess, expected: dict[str, int], timeout: float = 90.0,
+                        field: str = "received") -> dict[str, dict]:
+    """Poll until every device's account shows its expected count in ``field`` (or time runs out)."""
     deadline = time.monotonic() + timeout
     while True:
         accounts = accounts_via(worker, list(expected))
-        if all(accounts[d]["received"] >= n for d, n in expected.items()) or time.monotonic() > deadline:
+        if all(accounts[d][field] >= n for d, n in expected.items()) or time.monotonic() > deadline:
             return accounts
         time.sleep(0.25)
+
+
+def wait_until_stored(worker: WorkerProcess, expected: dict[str, int], timeout: float = 90.0) -> dict[str, dict]:
+    """Rows reach the database a flush after the accounts count them: wait for the database."""
+    return wait_until_received(worker, expected, timeout, field="stored")
 
 
 def received(accounts: dict[str, dict]) -> dict[str, int]:
@@ -69,6 +75,7 @@ def test_valid_messages_are_stored_once_duplicates_dropped_and_invalid_sent_to_t
     expected = {d: 50 for d in devices}
     for key, _ in duplicates + invalid:
         expected[key.decode()] += 1
+    wait_until_stored(worker, {d: 50 for d in devices})
     accounts = wait_until_received(worker, expected)
     assert received(accounts) == expected
     assert sum(a["duplicates"] for a in accounts.values()) == len(duplicates)
@@ -108,7 +115,7 @@ def test_a_fresh_worker_restores_its_tables_from_the_changelog_and_still_catches
     # A duplicate of a message stored before the restart is caught by the restored dedup marks.
     asyncio.run(produce(settings, [(d.encode(), telemetry(d, 5)) for d in devices]))
     accounts = wait_until_received(second, {d: 21 for d in devices})
-    assert all(a["duplicates"] == 1 and a["stored"] == 20 for a in accounts.values())
+    assert all(a["duplicates"] == 1 and a["stored"] == 20 for a in accounts.values())  # stored before the restart
     assert asyncio.run(stored_messages(settings, f"dev-{run_id}-"))[1] == 20 * len(devices)
 
 
@@ -132,8 +139,8 @@ def test_an_exactly_once_worker_stores_through_kafka_transactions(settings, star
     worker = start_worker(IOTFLOW_PROCESSING_GUARANTEE="exactly_once")
     worker.wait_ready()
     asyncio.run(produce_telemetry(settings, devices, per_device=10))
-    accounts = wait_until_received(worker, {d: 10 for d in devices})
-    assert all(a["stored"] == 10 for a in accounts.values())
+    accounts = wait_until_stored(worker, {d: 10 for d in devices})
+    assert all(a["stored"] == 10 and a["received"] == 10 for a in accounts.values())
     assert worker.terminate() == 0
 
 
@@ -150,3 +157,42 @@ def test_a_bad_setting_stops_the_worker_with_one_line_naming_it(tmp_path: Path):
     assert done.returncode != 0
     lines = done.stderr.strip().splitlines()
     assert lines == ["iotflow: expected a TCP port number (1-65535) for IOTFLOW_WEB_PORT (got 'abc')"]
+
+
+def post_json(url: str, body: bytes) -> tuple[int, dict, dict]:
+    import json
+    import urllib.error
+    import urllib.request
+
+    request = urllib.request.Request(url, data=body, method="POST", headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return response.status, dict(response.headers), json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, dict(exc.headers), json.loads(exc.read())
+
+
+def test_http_ingest_accepts_a_valid_batch_only_after_kafka_has_it(settings, start_worker, devices, run_id):
+    worker = start_worker()
+    worker.wait_ready()
+    items = [telemetry(d, seq) for d in devices[:5] for seq in range(10)]
+    status, headers, body = post_json(f"{worker.url}/api/v1/ingest", b"[" + b",".join(items) + b"]")
+    assert (status, body) == (202, {"accepted": 50})
+    assert headers.get("X-Request-ID")
+    accounts = wait_until_stored(worker, {d: 10 for d in devices[:5]})
+    assert all(a["stored"] == 10 and a["received"] == 10 for a in accounts.values())
+
+
+def test_http_ingest_rejects_a_batch_with_any_invalid_item_and_names_each(settings, start_worker, devices, run_id):
+    worker = start_worker()
+    worker.wait_ready()
+    good = telemetry(devices[0], 0)
+    status, headers, body = post_json(f"{worker.url}/api/v1/ingest", b"[" + good + b', {"device_id": 1}, "x"]')
+    assert status == 422
+    assert headers["Content-Type"].startswith("application/problem+json")
+    assert [(e["index"], e["field"]) for e in body["errors"]] == [(1, "device_id"), (2, "payload")]
+    assert body["request_id"]
+    time.sleep(2)  # nothing may arrive: give a wrongly sent message time to show up
+    assert accounts_via(worker, [devices[0]])[devices[0]]["received"] == 0
+    status, _, body = post_json(f"{worker.url}/api/v1/ingest", b"{not an array")
+    assert status == 400 and body["title"] == "Body is not a JSON array"
