@@ -36,6 +36,14 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def rss_kib(pid: int) -> int:
+    """Resident memory of process ``pid`` in KiB (Linux)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise RuntimeError(f"no VmRSS for pid {pid}")
+
+
 def http_get_json(url: str, *, timeout: float = 5.0) -> tuple[int, Any]:
     """GET ``url``; return the status and the decoded JSON body (None when not JSON)."""
     try:

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from iotflow.simulator import Fleet, FleetConfig
-from iotflow.testing import produce, stored_messages, telemetry
+from iotflow.testing import produce, rss_kib, stored_messages, telemetry
 from tests.integration.test_mqtt_path import start_bridge, wait_for_log
 
 IOTFLOW = Path(sys.executable).with_name("iotflow")
@@ -24,13 +24,6 @@ def wait_for(condition, timeout: float, interval: float = 0.5):
             return result
         time.sleep(interval)
     return result
-
-
-def rss_kib(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1])
-    raise RuntimeError("no VmRSS")
 
 
 @pytest.mark.timeout(600)

@@ -1,0 +1,162 @@
+"""``iotflow bench``: the ingest path against a hand-written baseline, in one run on one machine.
+
+1. Preload N telemetry messages (50 devices, one metric each) into a fresh ``bench-…-sensor-data``.
+2. (a) raw baseline: a bare aiokafka consumer decoding JSON and writing through the same
+   idempotent COPY into ``sensor_measurements`` — what a user would write by hand.
+3. The baseline's rows are deleted, then (b) an iotflow worker consumes the same topic: validation,
+   dedup marks and accounts in RocksDB with changelogs, the same sink. Its peak RSS is sampled.
+4. Latency: at half of (b)'s rate, fresh messages stamped with their send time; p50/p99 of
+   (row committed − device ts) from the database.
+
+Both rates are messages/s over the whole topic, wall clock; the ratio (b)/(a) is the figure to
+watch, since absolute numbers move with the machine's load.
+"""
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+import asyncpg
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+
+from iotflow import topics
+from iotflow.kafka_admin import ensure_topics
+from iotflow.migrate import migrator
+from iotflow.settings import Settings
+from iotflow.sinks.timescale import MeasurementSink
+from iotflow.testing import WorkerProcess, free_port, http_get_json, rss_kib
+
+DEVICES = 50
+
+
+def _payload(device_id: str, seq: int, ts_ms: int) -> bytes:
+    return json.dumps({"device_id": device_id, "msg_id": f"{device_id}-{seq}", "seq": seq, "ts": ts_ms,
+                       "metrics": {"temp": 20.5}}).encode()
+
+
+async def _preload(settings: Settings, prefix: str, count: int, *, rate: float | None = None) -> None:
+    producer = AIOKafkaProducer(bootstrap_servers=settings.kafka_bootstrap, acks="all", linger_ms=20,
+                                max_batch_size=1024 * 1024)
+    await producer.start()
+    topic = topics.name(settings, topics.SENSOR_DATA)
+    started = time.monotonic()
+    try:
+        pending = []
+        for i in range(count):
+            device = f"{prefix}{i % DEVICES}"
+            pending.append(await producer.send(topic, _payload(device, i // DEVICES, int(time.time() * 1000)),
+                                               key=device.encode()))
+            if rate is not None:
+                delay = started + (i + 1) / rate - time.monotonic()
+                if delay > 0:
+                    await asyncio.sleep(delay)
+            if len(pending) >= 10_000:
+                await asyncio.gather(*pending)
+                pending.clear()
+        await asyncio.gather(*pending)
+    finally:
+        await producer.stop()
+
+
+async def _baseline(settings: Settings, count: int) -> float:
+    consumer = AIOKafkaConsumer(topics.name(settings, topics.SENSOR_DATA), bootstrap_servers=settings.kafka_bootstrap,
+                                group_id=f"bench-raw-{uuid.uuid4().hex[:6]}", auto_offset_reset="earliest",
+                                enable_auto_commit=False, max_poll_records=5000)
+    sink = MeasurementSink(settings.tsdb_dsn, pool_size=2, connect_timeout_s=3, command_timeout_s=30)
+    await consumer.start()
+    started = time.monotonic()
+    seen = 0
+    try:
+        while seen < count:
+            batch = await consumer.getmany(timeout_ms=1000, max_records=5000)
+            rows = []
+            for messages in batch.values():
+                for message in messages:
+                    body = json.loads(message.value)
+                    when = _from_ms(body["ts"])
+                    rows.extend((when, body["device_id"], name, float(value), body["msg_id"], body["seq"])
+                                for name, value in body["metrics"].items())
+                    seen += 1
+            await sink.write(rows)
+            await consumer.commit()
+        return seen / (time.monotonic() - started)
+    finally:
+        await consumer.stop()
+        await sink.stop()
+
+
+def _from_ms(ms: int):
+    from datetime import UTC, datetime
+
+    return datetime.fromtimestamp(ms / 1000, UTC)
+
+
+async def _sql(dsn: str, query: str, *args: object) -> list[asyncpg.Record]:
+    conn = await asyncpg.connect(dsn, timeout=10)
+    try:
+        return await conn.fetch(query, *args, timeout=600)
+    finally:
+        await conn.close()
+
+
+def _received(worker: WorkerProcess) -> int:
+    status, body = http_get_json(f"{worker.url}/api/v1/pipeline/accounting?scope=local", timeout=10)
+    return int(body["received"]) if status == 200 else 0
+
+
+def run(settings: Settings, messages: int) -> dict[str, object]:
+    run_id = uuid.uuid4().hex[:6]
+    bench = dataclasses.replace(settings, topic_prefix=f"bench-{run_id}-", app_id=f"iotflow-bench-{run_id}")
+    device_prefix = f"bench{run_id}-"
+    asyncio.run(ensure_topics(bench))
+    asyncio.run(migrator(bench).up())
+    asyncio.run(_preload(bench, device_prefix, messages))
+
+    raw_rate = asyncio.run(_baseline(bench, messages))
+    asyncio.run(_sql(bench.tsdb_dsn, "DELETE FROM sensor_measurements WHERE device_id LIKE $1", device_prefix + "%"))
+
+    with tempfile.TemporaryDirectory(prefix="iotflow-bench-") as state:
+        port = free_port()
+        env = {"IOTFLOW_APP_ID": bench.app_id, "IOTFLOW_TOPIC_PREFIX": bench.topic_prefix,
+               "IOTFLOW_WEB_PORT": str(port), "IOTFLOW_DATA_DIR": state}
+        with WorkerProcess(env, Path(state) / "worker.log") as worker:
+            worker.wait_ready(timeout=120)
+            started = time.monotonic()
+            peak = 0
+            while _received(worker) < messages:
+                peak = max(peak, rss_kib(worker.proc.pid))
+                time.sleep(0.5)
+            iotflow_rate = messages / (time.monotonic() - started)
+
+            latency_rate = max(1.0, iotflow_rate / 2)
+            latency_count = int(latency_rate * 20)
+            latency_prefix = f"lat{run_id}-"
+            asyncio.run(_preload(bench, latency_prefix, latency_count, rate=latency_rate))
+            deadline = time.monotonic() + 300
+            while time.monotonic() < deadline:
+                done = asyncio.run(_sql(bench.tsdb_dsn, "SELECT count(*) AS n FROM sensor_measurements WHERE device_id LIKE $1",
+                                        latency_prefix + "%"))[0]["n"]
+                if done >= latency_count:
+                    break
+                time.sleep(0.5)
+            worker.terminate()
+    p = asyncio.run(_sql(
+        bench.tsdb_dsn,
+        "SELECT percentile_cont(0.5) WITHIN GROUP (ORDER BY d) AS p50, percentile_cont(0.99) WITHIN GROUP (ORDER BY d) AS p99 "
+        "FROM (SELECT extract(epoch FROM received_at - time) AS d FROM sensor_measurements WHERE device_id LIKE $1) s",
+        latency_prefix + "%"))[0]
+    return {
+        "messages": messages,
+        "raw_baseline_msgs_per_s": round(raw_rate),
+        "iotflow_msgs_per_s": round(iotflow_rate),
+        "ratio": round(iotflow_rate / raw_rate, 3),
+        "worker_peak_rss_mib": round(peak / 1024, 1),
+        "latency_rate_msgs_per_s": round(latency_rate),
+        "latency_p50_s": round(float(p["p50"] or 0), 3),
+        "latency_p99_s": round(float(p["p99"] or 0), 3),
+    }
