@@ -56,9 +56,20 @@ async def ensure_topics(settings: Settings, names: tuple[str, ...] = topics.ALL)
                 if code:
                     raise KafkaError(f"creating topic {name}: error {code} {rest[0] if rest else ''}")
                 created.append(name)
+        await _wait_visible(admin, created, settings.kafka_request_timeout_s)
         return created
     finally:
         await admin.close()
+
+
+async def _wait_visible(admin: AIOKafkaAdminClient, names: list[str], timeout_s: float) -> None:
+    """Return once the broker's metadata lists ``names``: a create is acknowledged by the controller
+    a moment before brokers serve it, and producers or checks that follow must see the topic."""
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while names and not set(names) <= set(await admin.list_topics()):
+        if asyncio.get_running_loop().time() > deadline:
+            raise KafkaError(f"topics {names} created but not visible after {timeout_s:.0f}s")
+        await asyncio.sleep(0.1)
 
 
 async def drift(settings: Settings, names: tuple[str, ...] = topics.ALL) -> list[Drift]:
