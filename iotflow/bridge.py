@@ -81,18 +81,16 @@ class Bridge:
         self._client: mqtt.Client | None = None
         self._stopping = threading.Event()
         self._tasks: set[asyncio.Task[None]] = set()
+        # An idempotent producer whose sends keep failing (e.g. out-of-order sequence numbers after
+        # a broker error) can stay failed; after a few consecutive failures it is replaced.
+        self._producer_generation = 0
+        self._consecutive_failures = 0
+        self._producer_lock = asyncio.Lock()
 
     async def run(self, stop: asyncio.Event) -> None:
         """Bridge until ``stop`` is set; then stop taking messages and finish those in flight."""
         self._loop = asyncio.get_running_loop()
-        self._producer = AIOKafkaProducer(
-            bootstrap_servers=self.settings.kafka_bootstrap,
-            acks="all",
-            enable_idempotence=True,
-            linger_ms=5,
-            request_timeout_ms=int(self.settings.kafka_request_timeout_s * 1000),
-        )
-        await self._start_producer()
+        self._producer = await self._start_producer()
         mqtt_thread = threading.Thread(target=self._mqtt_loop, name="mqtt", daemon=True)
         mqtt_thread.start()
         try:
@@ -110,13 +108,27 @@ class Bridge:
                 await asyncio.wait(self._tasks, timeout=30)
             await self._producer.stop()
 
-    async def _start_producer(self) -> None:
+    def _new_producer(self) -> AIOKafkaProducer:
+        return AIOKafkaProducer(
+            bootstrap_servers=self.settings.kafka_bootstrap,
+            acks="all",
+            enable_idempotence=True,
+            linger_ms=5,
+            request_timeout_ms=int(self.settings.kafka_request_timeout_s * 1000),
+        )
+
+    async def _start_producer(self) -> AIOKafkaProducer:
         attempt = 0
         while True:
+            producer = self._new_producer()
             try:
-                await asyncio.wait_for(self._producer.start(), self.settings.kafka_request_timeout_s)
-                return
+                await asyncio.wait_for(producer.start(), self.settings.kafka_request_timeout_s)
+                return producer
             except (KafkaError, OSError, asyncio.TimeoutError) as exc:
+                try:
+                    await asyncio.wait_for(producer.stop(), self.settings.kafka_request_timeout_s)
+                except (KafkaError, OSError, asyncio.TimeoutError):
+                    pass  # it never started; nothing of ours is in it
                 delay = full_jitter(attempt, base_s=0.5, cap_s=30)
                 log.warning("kafka_unavailable", error=str(exc), retry_in_s=round(delay, 2))
                 await asyncio.sleep(delay)
@@ -187,24 +199,44 @@ class Bridge:
     async def _forward(self, message: mqtt.MQTTMessage, target: Route, delay: float) -> None:
         if delay:
             await asyncio.sleep(delay)
-        assert self._producer is not None
         kafka_topic = topics.name(self.settings, target.kafka_topic)
         attempt = 0
         while True:
+            producer, generation = self._producer, self._producer_generation
+            assert producer is not None
             try:
                 await asyncio.wait_for(
-                    self._producer.send_and_wait(kafka_topic, message.payload, key=target.device_id.encode()),
+                    producer.send_and_wait(kafka_topic, message.payload, key=target.device_id.encode()),
                     self.settings.kafka_request_timeout_s,
                 )
+                self._consecutive_failures = 0
                 break
             except (KafkaError, asyncio.TimeoutError) as exc:
                 # Not acknowledged: the broker still holds it. Keep trying; never drop.
                 pause = full_jitter(attempt, base_s=0.2, cap_s=10)
-                log.warning("kafka_send_failed", error=str(exc), topic=kafka_topic, retry_in_s=round(pause, 2))
+                log.warning("kafka_send_failed", error=repr(exc), topic=kafka_topic, retry_in_s=round(pause, 2))
+                await self._replace_producer_if_stuck(generation)
                 await asyncio.sleep(pause)
                 attempt += 1
         FORWARDED.labels(target.kind).inc()
         self._ack(message)
+
+    async def _replace_producer_if_stuck(self, generation: int) -> None:
+        async with self._producer_lock:
+            if generation != self._producer_generation:
+                return  # another task replaced it already
+            self._consecutive_failures += 1
+            if self._consecutive_failures < 20:
+                return
+            log.warning("kafka_producer_replaced", failures=self._consecutive_failures)
+            old, self._producer = self._producer, await self._start_producer()
+            self._producer_generation += 1
+            self._consecutive_failures = 0
+        if old is not None:
+            try:
+                await asyncio.wait_for(old.stop(), self.settings.kafka_request_timeout_s)
+            except (KafkaError, asyncio.TimeoutError) as exc:
+                log.warning("kafka_producer_stop_failed", error=repr(exc))
 
     def _ack(self, message: mqtt.MQTTMessage) -> None:
         IN_FLIGHT.dec()

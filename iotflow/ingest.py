@@ -69,6 +69,7 @@ class IngestPipeline:
         self._pending: list[_Pending] = []
         self._pending_rows = 0
         self._flush_lock = asyncio.Lock()
+        metrics.DEDUP_MARKS.set_function(lambda: len(self.marks))
 
     def on_partitions_assigned(self, assigned_partitions: set[int]) -> None:
         """Rebuild the expiry index at the next event: restored marks must expire too."""

@@ -1,7 +1,7 @@
 """Prometheus metrics of iotflow (served at /metrics). No per-device labels: cardinality stays bounded."""
 from __future__ import annotations
 
-from prometheus_client import Counter, Histogram
+from prometheus_client import Counter, Gauge, Histogram
 
 MESSAGES = Counter(
     "iotflow_ingest_messages_total",
@@ -11,6 +11,7 @@ MESSAGES = Counter(
 ROWS_STORED = Counter("iotflow_sink_rows_stored_total", "Measurement rows the sink inserted (new rows only).")
 DLQ = Counter("iotflow_dlq_messages_total", "Messages sent to sensor-data-dlq, by kind (invalid, rejected).", ["kind"])
 DEDUP_EXPIRED = Counter("iotflow_dedup_marks_expired_total", "Dedup marks deleted after the dedup window.")
+DEDUP_MARKS = Gauge("iotflow_dedup_marks", "Dedup marks held by this worker's active partitions (counted at scrape).")
 SINK_BATCH_SECONDS = Histogram(
     "iotflow_sink_batch_seconds",
     "Time to make one batch durable (DLQ confirmations + COPY + commit), retries included.",
