@@ -19,8 +19,10 @@ END
 $$;
 
 DO $$
+DECLARE
+    timescale boolean := EXISTS (SELECT 1 FROM pg_extension WHERE extname = 'timescaledb');
 BEGIN
-    IF EXISTS (SELECT 1 FROM pg_extension WHERE extname = 'timescaledb') THEN
+    EXECUTE format($ddl$
         CREATE TABLE sensor_measurements (
             time        timestamptz      NOT NULL,
             device_id   text             NOT NULL,
@@ -30,7 +32,9 @@ BEGIN
             seq         bigint           NOT NULL,
             received_at timestamptz      NOT NULL DEFAULT now(),
             PRIMARY KEY (device_id, time, metric, msg_id)
-        );
+        ) %s
+    $ddl$, CASE WHEN timescale THEN '' ELSE 'PARTITION BY RANGE (time)' END);
+    IF timescale THEN
         PERFORM create_hypertable('sensor_measurements', 'time', chunk_time_interval => interval '1 day');
         ALTER TABLE sensor_measurements SET (
             timescaledb.compress,
@@ -39,17 +43,6 @@ BEGIN
         );
         PERFORM add_compression_policy('sensor_measurements', interval '7 days');
         PERFORM add_retention_policy('sensor_measurements', interval '90 days');
-    ELSE
-        CREATE TABLE sensor_measurements (
-            time        timestamptz      NOT NULL,
-            device_id   text             NOT NULL,
-            metric      text             NOT NULL,
-            value       double precision NOT NULL,
-            msg_id      text             NOT NULL,
-            seq         bigint           NOT NULL,
-            received_at timestamptz      NOT NULL DEFAULT now(),
-            PRIMARY KEY (device_id, time, metric, msg_id)
-        ) PARTITION BY RANGE (time);
     END IF;
 END
 $$;

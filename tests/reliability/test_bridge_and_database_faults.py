@@ -11,19 +11,10 @@ from pathlib import Path
 import pytest
 
 from iotflow.simulator import Fleet, FleetConfig
-from iotflow.testing import produce, rss_kib, stored_messages, telemetry
+from iotflow.testing import produce, rss_kib, stored_messages, telemetry, wait_for
 from tests.integration.test_mqtt_path import start_bridge, wait_for_log
 
 IOTFLOW = Path(sys.executable).with_name("iotflow")
-
-
-def wait_for(condition, timeout: float, interval: float = 0.5):
-    deadline = time.monotonic() + timeout
-    while not (result := condition()):
-        if time.monotonic() > deadline:
-            return result
-        time.sleep(interval)
-    return result
 
 
 @pytest.mark.timeout(600)

@@ -8,20 +8,11 @@ import time
 
 import pytest
 
-from iotflow.testing import http_get_json, produce, stored_messages, telemetry
+from iotflow.testing import http_get_json, produce, stored_messages, telemetry, wait_for
 
 DEVICES = 50
 PER_DEVICE = 2000  # 100,000 messages
 DUPLICATE_EVERY = 50  # 2% device retries on top
-
-
-def wait_for(condition, timeout: float, interval: float = 0.5):
-    deadline = time.monotonic() + timeout
-    while not (result := condition()):
-        if time.monotonic() > deadline:
-            return result
-        time.sleep(interval)
-    return result
 
 
 @pytest.mark.timeout(900)
