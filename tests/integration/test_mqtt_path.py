@@ -54,15 +54,18 @@ def test_fifty_devices_with_duplicates_and_malformed_store_exactly_the_unique_va
         rows, messages = asyncio.run(stored_messages(settings, f"mq{run_id}-"))
         assert (rows, messages) == (2 * totals["sent"], totals["sent"])
 
+        # MQTT QoS 1 and the bridge's retries are at-least-once: a message can reach Kafka twice.
+        # A valid one is then a duplicate; a malformed one (no msg_id to dedup by) is sent to the
+        # DLQ again. So the DLQ holds every malformed payload, each at least once.
         dead = asyncio.run(dlq_messages(settings))
-        assert len(dead) == totals["malformed"]
+        assert len({m.value for m in dead}) == totals["malformed"] <= len(dead)
         assert all(dict(m.headers)["iotflow-reason"] for m in dead)
 
         status, fleet = http_get_json(f"{worker.url}/api/v1/pipeline/accounting")
         assert status == 200
         assert fleet["accepted"] == totals["sent"]
-        assert fleet["duplicates"] == totals["duplicates"]
-        assert fleet["invalid"] == totals["malformed"]
+        assert fleet["duplicates"] >= totals["duplicates"]
+        assert fleet["invalid"] == len(dead)
         assert fleet["gaps"] == 0 and fleet["healthy"]
     finally:
         bridge.send_signal(signal.SIGTERM)

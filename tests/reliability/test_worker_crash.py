@@ -45,19 +45,27 @@ def test_three_kill_9s_during_a_run_lose_nothing_and_store_nothing_twice(setting
     assert (rows, messages) == (2 * len(originals), len(originals))
 
     # The dedup marks survived three crashes: retries of old messages are counted as duplicates
-    # (not accepted as new) and store nothing.
-    before = wait_for(lambda: _settled(final, len(originals) + len(retries)), timeout=120)
-    assert before, "the accounts never caught up with what was sent"
+    # (not accepted as new) and store nothing. (The accounts' absolute totals may be off by a commit
+    # interval after kill -9 in at_least_once mode, see docs/ingestion.md: compare deltas.)
+    before = wait_for(lambda: _stable(final), timeout=120)
+    assert before, "the accounts kept changing"
     asyncio.run(produce(settings, originals[:100]))
-    after = wait_for(lambda: _settled(final, before["received"] + 100), timeout=120)
+    after = wait_for(lambda: (b := _fleet(final))["received"] >= before["received"] + 100 and b, timeout=120)
     assert after, "the retries were not counted"
-    assert after["duplicates"] == before["duplicates"] + 100
+    assert after["duplicates"] - before["duplicates"] == 100
     assert after["accepted"] == before["accepted"]  # none of the retries was taken for new
     assert asyncio.run(stored_messages(settings, prefix)) == (rows, messages)
 
 
-def _settled(worker, at_least: int) -> dict | None:
-    """The fleet accounting once it has received ``at_least`` messages, else None."""
+def _fleet(worker) -> dict:
     status, body = http_get_json(f"{worker.url}/api/v1/pipeline/accounting")
     assert status == 200, body
-    return body if body["received"] >= at_least else None
+    return body
+
+
+def _stable(worker) -> dict | None:
+    """The fleet accounting once two reads two seconds apart agree, else None."""
+    first = _fleet(worker)
+    time.sleep(2)
+    second = _fleet(worker)
+    return second if first["received"] == second["received"] else None
