@@ -56,9 +56,10 @@ def test_fifty_devices_with_duplicates_and_malformed_store_exactly_the_unique_va
 
         # MQTT QoS 1 and the bridge's retries are at-least-once: a message can reach Kafka twice.
         # A valid one is then a duplicate; a malformed one (no msg_id to dedup by) is sent to the
-        # DLQ again. So the DLQ holds every malformed payload, each at least once.
+        # DLQ again. So the DLQ holds every malformed payload, each at least once. (Payloads of one
+        # malformed kind can be byte-identical, so they are counted, not compared as a set.)
         dead = asyncio.run(dlq_messages(settings))
-        assert len({m.value for m in dead}) == totals["malformed"] <= len(dead)
+        assert totals["malformed"] <= len(dead) <= totals["malformed"] + totals["sent"] // 100
         assert all(dict(m.headers)["iotflow-reason"] for m in dead)
 
         status, fleet = http_get_json(f"{worker.url}/api/v1/pipeline/accounting")
