@@ -31,7 +31,7 @@ def wait_for_log(path: Path, text: str, timeout: float = 30.0) -> None:
         time.sleep(0.1)
 
 
-@pytest.mark.timeout(600)
+@pytest.mark.timeout(1500)
 def test_fifty_devices_with_duplicates_and_malformed_store_exactly_the_unique_valid_messages(
     settings, start_worker, run_id, tmp_path
 ):
@@ -47,7 +47,9 @@ def test_fifty_devices_with_duplicates_and_malformed_store_exactly_the_unique_va
         assert totals["sent"] == 50_000
         assert totals["duplicates"] > 0 and totals["malformed"] > 0
 
-        deadline = time.monotonic() + 400
+        # The worker's rate (docs/performance.md) is the bound here: on a just-started stack it has
+        # been seen near 125 msg/s, so 50,000 messages may need several minutes.
+        deadline = time.monotonic() + 1200
         while asyncio.run(stored_messages(settings, f"mq{run_id}-"))[1] < totals["sent"]:
             assert time.monotonic() < deadline, "not everything the devices sent was stored in time"
             time.sleep(1)
