@@ -115,30 +115,29 @@ def migrate() -> None:
     """Schema migrations of the time-series database (schema/NNNN_name.{up,down}.sql)."""
 
 
+def _migrate(step: str, target: int | None, verb: str, nothing: str) -> None:
+    """Run ``Migrator.up`` or ``Migrator.down`` and say what it did."""
+    from iotflow.migrate import migrator
+
+    try:
+        done = asyncio.run(getattr(migrator(_settings()), step)(target))
+    except IotflowError as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo("\n".join(f"{verb} {m.version:04d} {m.name}" for m in done) or nothing)
+
+
 @migrate.command("up")
 @click.option("--to", "target", type=int, default=None, help="stop after this version (default: all)")
 def migrate_up(target: int | None) -> None:
     """Apply pending migrations, each in its own transaction; a second run does nothing."""
-    from iotflow.migrate import migrator
-
-    try:
-        done = asyncio.run(migrator(_settings()).up(target))
-    except IotflowError as exc:
-        raise click.ClickException(str(exc)) from None
-    click.echo("\n".join(f"applied {m.version:04d} {m.name}" for m in done) or "nothing to apply")
+    _migrate("up", target, "applied", "nothing to apply")
 
 
 @migrate.command("down")
 @click.option("--to", "target", type=int, required=True, help="roll back every migration newer than this (0 = all)")
 def migrate_down(target: int) -> None:
     """Roll back applied migrations newer than --to, newest first."""
-    from iotflow.migrate import migrator
-
-    try:
-        done = asyncio.run(migrator(_settings()).down(target))
-    except IotflowError as exc:
-        raise click.ClickException(str(exc)) from None
-    click.echo("\n".join(f"rolled back {m.version:04d} {m.name}" for m in done) or "nothing to roll back")
+    _migrate("down", target, "rolled back", "nothing to roll back")
 
 
 @migrate.command("status")
