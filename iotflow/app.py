@@ -12,7 +12,9 @@ from iotflow.ingest import IngestPipeline
 from iotflow.settings import Settings
 from iotflow.sinks.timescale import MeasurementSink
 from iotflow.tables import ingest as ingest_tables
+from iotflow.tables.batched import TableBatch
 from iotflow.telemetry import Limits
+from iotflow.transport import Transport
 from iotflow.web import health, ingest as ingest_views, pipeline
 
 
@@ -48,6 +50,7 @@ def create_app(settings: Settings) -> faust.App:
         stream_wait_empty=False,
         processing_guarantee=settings.processing_guarantee,
     )
+    app.transport = Transport(app.conf.broker_consumer, app)
     marks = ingest_tables.marks(app, settings)
     accounts = ingest_tables.accounts(app, settings)
     sink = MeasurementSink(
@@ -59,8 +62,8 @@ def create_app(settings: Settings) -> faust.App:
     ingest_pipeline = IngestPipeline(
         sink=sink,
         dlq=topics.sensor_data_dlq(app, settings),
-        marks=marks,
-        accounts=accounts,
+        marks=TableBatch(app, marks),
+        accounts=TableBatch(app, accounts),
         limits=Limits(
             max_clock_skew=timedelta(seconds=settings.max_clock_skew_s),
             retention=timedelta(days=settings.retention_days),

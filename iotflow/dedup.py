@@ -14,8 +14,14 @@ expire (faust issue #385); :class:`ExpiryIndex` is filled from restored marks as
 from __future__ import annotations
 
 import heapq
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from enum import Enum
+
+import msgspec
+
+_encode = msgspec.json.encode
+_decode_mark = msgspec.json.Decoder(tuple[int, int, int]).decode
+_decode_account = msgspec.json.Decoder(dict).decode
 
 
 class Verdict(Enum):
@@ -30,12 +36,13 @@ class Mark:
     offset: int
     seen_at_ms: int
 
-    def to_json(self) -> list[int]:
-        return [self.partition, self.offset, self.seen_at_ms]
+    def encode(self) -> bytes:
+        """The table value: ``[partition, offset, seen_at_ms]`` as JSON."""
+        return _encode((self.partition, self.offset, self.seen_at_ms))
 
     @classmethod
-    def from_json(cls, value: list[int]) -> Mark:
-        return cls(int(value[0]), int(value[1]), int(value[2]))
+    def decode(cls, value: bytes) -> Mark:
+        return cls(*_decode_mark(value))
 
 
 def dedup_key(device_id: str, msg_id: str) -> bytes:
@@ -103,31 +110,28 @@ class DeviceAccount:
         return offset <= self.last_offset
 
     def count(self, outcome: Verdict | None, offset: int, now_ms: int, seq: int | None = None) -> DeviceAccount:
-        """The account after one more message: ``outcome`` None means invalid."""
+        """The account after one more message: ``outcome`` None means invalid.
+
+        Only messages not :meth:`already_counted` are counted, so a REPLAY here is a message whose
+        mark was made but whose first pass was never counted (a crash between the two writes):
+        it is the accepted instance.
+        """
         changes: dict[str, object] = {"received": self.received + 1, "last_offset": offset, "last_seen_ms": now_ms}
         if outcome is None:
             changes["invalid"] = self.invalid + 1
         elif outcome is Verdict.DUPLICATE:
             changes["duplicates"] = self.duplicates + 1
-        elif outcome is Verdict.NEW:
+        else:
             assert seq is not None
             changes["accepted"] = self.accepted + 1
             changes["min_seq"] = seq if self.min_seq is None else min(self.min_seq, seq)
             changes["max_seq"] = seq if self.max_seq is None else max(self.max_seq, seq)
-        return DeviceAccount(**{**self.to_json(), **changes})
+        return DeviceAccount(**{**asdict(self), **changes})
 
-    def to_json(self) -> dict[str, object]:
-        return {
-            "received": self.received,
-            "accepted": self.accepted,
-            "duplicates": self.duplicates,
-            "invalid": self.invalid,
-            "min_seq": self.min_seq,
-            "max_seq": self.max_seq,
-            "last_offset": self.last_offset,
-            "last_seen_ms": self.last_seen_ms,
-        }
+    def encode(self) -> bytes:
+        """The table value: the fields as a JSON object."""
+        return _encode(asdict(self))
 
     @classmethod
-    def from_json(cls, value: dict[str, object] | None) -> DeviceAccount:
-        return cls(**value) if value else cls()  # type: ignore[arg-type]
+    def decode(cls, value: bytes | None) -> DeviceAccount:
+        return cls(**_decode_account(value)) if value else cls()

@@ -1,22 +1,26 @@
 """The ingest pipeline behind the ingest agent: validate → DLQ, dedup, account, batch → sink → ack.
 
-:meth:`IngestPipeline.handle` runs inside the agent's iteration of each event, so every table
-write lands in that event's partition (changelog and RocksDB alike). Rows wait in a bounded batch;
-:meth:`IngestPipeline.flush` (when the batch is full, on a timer, and on stop) runs the steps in
-this order:
+:meth:`IngestPipeline.handle` runs inside the agent's iteration of each event: it reads the tables in
+that event's partition and queues the event's rows and its table writes (a mark, the device's
+account — tagged with the event's partition) in a bounded batch. :meth:`IngestPipeline.flush`
+(when the batch is full, on a timer, on revocation and on stop) runs the steps in this order:
 
 1. wait until every DLQ record of the batch is confirmed by Kafka (acks=all);
 2. write the batch's rows through the idempotent sink (retrying while the database is away —
    the agent blocks meanwhile: backpressure, and Kafka keeps the backlog);
-3. acknowledge the batch's events, in order, so Faust may commit their offsets.
+3. write the batch's marks and accounts: changelog records acknowledged by Kafka, then the local
+   store (:class:`iotflow.tables.batched.TableBatch`), retried while Kafka refuses them;
+4. acknowledge the batch's events, in order, so Faust may commit their offsets.
 
 Nothing is acknowledged before it is durable (invariant 1); the sink's ON CONFLICT and the marks'
-offsets make every replay harmless (invariants 2 and 3); an invalid message costs one DLQ record,
-never the stream (invariant 4).
+offsets make every replay harmless (invariants 2 and 3), and marks are only ever written after
+their rows; an invalid message costs one DLQ record, never the stream (invariant 4). A device's
+account records the last offset it counted, so a replayed message is never counted twice.
 """
 from __future__ import annotations
 
 import asyncio
+import itertools
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -25,10 +29,14 @@ import faust
 import structlog
 from faust.types import EventT
 
+from aiokafka.errors import KafkaError
+
 from iotflow import metrics
+from iotflow.backoff import full_jitter
 from iotflow.dedup import DeviceAccount, ExpiryIndex, Mark, Verdict, dedup_key, verdict
 from iotflow.errors import InvalidPayload, SinkRejected
 from iotflow.sinks.timescale import MeasurementSink, Row
+from iotflow.tables.batched import TableBatch
 from iotflow.telemetry import Limits, parse
 
 log = structlog.get_logger(__name__)
@@ -49,8 +57,8 @@ class IngestPipeline:
         *,
         sink: MeasurementSink,
         dlq: faust.TopicT,
-        marks: faust.Table,
-        accounts: faust.Table,
+        marks: TableBatch,
+        accounts: TableBatch,
         limits: Limits,
         batch_size: int,
         dedup_window_s: float,
@@ -69,7 +77,7 @@ class IngestPipeline:
         self._pending: list[_Pending] = []
         self._pending_rows = 0
         self._flush_lock = asyncio.Lock()
-        metrics.DEDUP_MARKS.set_function(lambda: len(self.marks))
+        metrics.DEDUP_MARKS.set_function(lambda: len(self.marks.table))
 
     def on_partitions_assigned(self, assigned_partitions: set[int]) -> None:
         """Rebuild the expiry index at the next event: restored marks must expire too."""
@@ -78,26 +86,26 @@ class IngestPipeline:
 
     def _index_restored_marks(self) -> None:
         self._expiry = ExpiryIndex(self.window_ms)
-        for key, value in self.marks.items():
-            self._expiry.add(key, Mark.from_json(value))
+        for key, value in self.marks.table.items():
+            self._expiry.add(key, Mark.decode(value))
         self._indexed = True
         log.info("dedup_expiry_indexed", marks=len(self._expiry))
 
     def _expire(self, partition: int, now_ms: int) -> None:
         for key in self._expiry.expired(partition, now_ms, _EXPIRE_PER_EVENT):
-            if key in self.marks:
-                del self.marks[key]
-                metrics.DEDUP_EXPIRED.inc()
+            self.marks.delete(partition, key)
+            metrics.DEDUP_EXPIRED.inc()
 
     async def handle(self, event: EventT) -> None:
-        """Decide what one message is, record it in the tables and queue its rows; flush when full."""
+        """Decide what one message is, queue its rows and table writes; flush when the batch is full."""
         message = event.message
+        partition = message.partition
         now_ms = int(self.clock() * 1000)
         if not self._indexed:
             self._index_restored_marks()
-        self._expire(message.partition, now_ms)
+        self._expire(partition, now_ms)
         device_key: bytes = message.key or b""
-        account = DeviceAccount.from_json(self.accounts.get(device_key))
+        account = DeviceAccount.decode(self.accounts.get(device_key))
         counted = account.already_counted(message.offset)
         pending = _Pending(event)
         try:
@@ -109,20 +117,21 @@ class IngestPipeline:
         except InvalidPayload as exc:
             pending.dlq = await self._send_to_dlq(event, "invalid", exc.field, str(exc))
             if not counted:
-                self.accounts[device_key] = account.count(None, message.offset, now_ms).to_json()
+                self.accounts.set(partition, device_key, account.count(None, message.offset, now_ms).encode())
             metrics.MESSAGES.labels("invalid").inc()
         else:
             key = dedup_key(telemetry.device_id, telemetry.msg_id)
             stored_mark = self.marks.get(key)
-            outcome = verdict(Mark.from_json(stored_mark) if stored_mark else None, message.partition, message.offset)
+            outcome = verdict(Mark.decode(stored_mark) if stored_mark else None, partition, message.offset)
             if outcome is Verdict.NEW:
-                mark = Mark(message.partition, message.offset, now_ms)
-                self.marks[key] = mark.to_json()
+                mark = Mark(partition, message.offset, now_ms)
+                self.marks.set(partition, key, mark.encode())
                 self._expiry.add(key, mark)
             if outcome is not Verdict.DUPLICATE:
                 pending.rows = telemetry.rows()
             if not counted:
-                self.accounts[device_key] = account.count(outcome, message.offset, now_ms, telemetry.seq).to_json()
+                self.accounts.set(partition, device_key,
+                                  account.count(outcome, message.offset, now_ms, telemetry.seq).encode())
             metrics.MESSAGES.labels(outcome.value if not counted else "replay").inc()
         self._pending.append(pending)
         self._pending_rows += len(pending.rows)
@@ -148,7 +157,8 @@ class IngestPipeline:
         """Make the queued batch durable, then acknowledge its events (see the module docstring)."""
         async with self._flush_lock:
             batch, self._pending, self._pending_rows = self._pending, [], 0
-            if not batch:
+            marks, accounts = self.marks.take(), self.accounts.take()
+            if not batch and not marks:
                 return
             for pending in batch:
                 if pending.dlq is not None:
@@ -162,8 +172,20 @@ class IngestPipeline:
                 stored = await self._write_each(batch)
             metrics.SINK_BATCH_SECONDS.observe(time.perf_counter() - started)
             metrics.ROWS_STORED.inc(stored)
+            await self._write_tables(marks, accounts)
             for pending in batch:
                 pending.event.ack()
+
+    async def _write_tables(self, marks: dict, accounts: dict) -> None:
+        """Marks and accounts after the rows (invariant 3); retried while Kafka refuses them."""
+        for attempt in itertools.count():
+            try:
+                await asyncio.gather(self.marks.write(marks), self.accounts.write(accounts))
+                return
+            except KafkaError as exc:
+                delay = full_jitter(attempt, base_s=0.2, cap_s=10.0)
+                log.warning("table_write_retry", attempt=attempt + 1, error=repr(exc), retry_in_s=round(delay, 2))
+                await asyncio.sleep(delay)
 
     async def _write_each(self, batch: list[_Pending]) -> int:
         """After a rejected batch: write message by message; what the database refuses goes to the DLQ."""

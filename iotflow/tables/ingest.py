@@ -1,4 +1,8 @@
-"""Tables of the ingest agent: dedup marks and per-device accounts (RocksDB + changelog topics)."""
+"""Tables of the ingest agent: dedup marks and per-device accounts (RocksDB + changelog topics).
+
+Keys and values are bytes, so Faust stores them raw (values encoded by iotflow.dedup); the ingest pipeline writes them
+in batches through :class:`iotflow.tables.batched.TableBatch`.
+"""
 from __future__ import annotations
 
 import faust
@@ -14,6 +18,7 @@ def marks(app: faust.App, settings: Settings) -> faust.Table:
     return app.Table(
         MARKS,
         key_type=bytes,
+        value_type=bytes,
         partitions=settings.topic_partitions,
         help="Dedup marks: which message first carried each (device_id, msg_id).",
     )
@@ -24,6 +29,7 @@ def accounts(app: faust.App, settings: Settings) -> faust.Table:
     return app.Table(
         ACCOUNTS,
         key_type=bytes,
+        value_type=bytes,
         partitions=settings.topic_partitions,
         help="Per-device accounting: received, accepted, duplicates, invalid, seq range.",
     )

@@ -32,7 +32,7 @@ def register(app: faust.App, settings: Settings, accounts: faust.Table) -> None:
         totals = dict.fromkeys(_COUNTERS, 0)
         totals["devices"] = 0
         for _, value in accounts.items():
-            account = DeviceAccount.from_json(value)
+            account = DeviceAccount.decode(value)
             totals["devices"] += 1
             for name in _COUNTERS:
                 totals[name] += getattr(account, name)
@@ -41,7 +41,7 @@ def register(app: faust.App, settings: Settings, accounts: faust.Table) -> None:
     @app.page("/api/v1/pipeline/accounting/devices/{device_id}")
     @app.table_route(table=accounts, match_info="device_id")
     async def device_accounting(self: View, request: Request, device_id: str) -> Response:
-        account = DeviceAccount.from_json(accounts.get(device_id.encode()))
+        account = DeviceAccount.decode(accounts.get(device_id.encode()))
         body = {name: getattr(account, name) for name in _COUNTERS}
         body.update(device_id=device_id, min_seq=account.min_seq, max_seq=account.max_seq,
                     stored=await stored_messages(device_id))

@@ -31,19 +31,20 @@ def accounts_via(worker: WorkerProcess, devices: list[str]) -> dict[str, dict]:
 
 
 def wait_until_received(worker: WorkerProcess, expected: dict[str, int], timeout: float = 90.0,
-                        field: str = "received") -> dict[str, dict]:
-    """Poll until every device's account shows its expected count in ``field`` (or time runs out)."""
+                        fields: tuple[str, ...] = ("received",)) -> dict[str, dict]:
+    """Poll until every device's account shows its expected count in ``fields`` (or time runs out)."""
     deadline = time.monotonic() + timeout
     while True:
         accounts = accounts_via(worker, list(expected))
-        if all(accounts[d][field] >= n for d, n in expected.items()) or time.monotonic() > deadline:
+        done = all(accounts[d][f] >= n for d, n in expected.items() for f in fields)
+        if done or time.monotonic() > deadline:
             return accounts
         time.sleep(0.25)
 
 
 def wait_until_stored(worker: WorkerProcess, expected: dict[str, int], timeout: float = 90.0) -> dict[str, dict]:
-    """Rows reach the database a flush after the accounts count them: wait for the database."""
-    return wait_until_received(worker, expected, timeout, field="stored")
+    """Rows reach the database before the flush writes the accounts that count them: wait for both."""
+    return wait_until_received(worker, expected, timeout, fields=("stored", "received"))
 
 
 def received(accounts: dict[str, dict]) -> dict[str, int]:

@@ -1,0 +1,94 @@
+"""Batched writes to a Faust table: one changelog record per key per batch, applied like recovery.
+
+Assigning ``table[key] = value`` costs Faust a changelog record with its own future, callback,
+sensor calls and a RocksDB write of the persisted offset when Kafka acknowledges it — for the
+ingest agent, two of those per message were most of its time (docs/performance.md).
+:class:`TableBatch` keeps a batch's writes in memory (so reads within the batch see them) and
+:meth:`TableBatch.write` makes them durable in the order recovery would:
+
+1. every key's latest value goes to the table's changelog topic through the app's producer (the
+   transactional one under ``exactly_once``), to the partition the caller named — the partition
+   of the source message, as Faust's own table writes do;
+2. once Kafka has acknowledged them, they are applied to the local store with
+   ``Collection.apply_changelog_batch`` — the very call a standby or a restoring worker makes
+   for the same records — which also records the changelog offset as persisted.
+
+So the local store never holds what the changelog does not, and a crash anywhere leaves state
+that replaying the source topic repairs (the callers keep invariants 2 and 3 that way; see
+iotflow/ingest.py). A value of ``None`` deletes the key (a tombstone).
+
+Keys and values are bytes; the tables are declared with raw serializers (iotflow/tables/ingest.py).
+"""
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass
+
+import faust
+from faust.types import Message
+from faust.types.tuples import TP
+
+_RECORD_TIMESTAMP_TYPE = 0  # CreateTime, what the producer stamps
+
+
+@dataclass(frozen=True)
+class _ChangelogEvent:
+    """What ``Store.apply_changelog_batch`` reads of an event: its message."""
+
+    message: Message
+
+
+class TableBatch:
+    def __init__(self, app: faust.App, table: faust.Table) -> None:
+        self.app = app
+        self.table = table
+        self._pending: dict[bytes, tuple[int, bytes | None]] = {}
+        self._in_flight: dict[bytes, tuple[int, bytes | None]] = {}
+
+    def get(self, key: bytes) -> bytes | None:
+        """The value as the batches so far leave it; the table is read in the current event's partition."""
+        for writes in (self._pending, self._in_flight):
+            if key in writes:
+                return writes[key][1]
+        return self.table.get(key)
+
+    def set(self, partition: int, key: bytes, value: bytes) -> None:
+        self._pending[key] = (partition, value)
+
+    def delete(self, partition: int, key: bytes) -> None:
+        self._pending[key] = (partition, None)
+
+    def __len__(self) -> int:
+        return len(self._pending)
+
+    def take(self) -> dict[bytes, tuple[int, bytes | None]]:
+        """Detach the pending writes as one batch; reads still see them until :meth:`write` is done."""
+        batch, self._pending = self._pending, {}
+        self._in_flight.update(batch)
+        return batch
+
+    async def write(self, batch: dict[bytes, tuple[int, bytes | None]]) -> None:
+        """Changelog first, local store second (see the module docstring).
+
+        Raises what the producer raises; the batch then stays visible to :meth:`get` so that the
+        caller can retry it without reads going back to older values.
+        """
+        if batch:
+            self.table.apply_changelog_batch(await self._produce(batch))
+        for key, write in batch.items():
+            if self._in_flight.get(key) is write:
+                del self._in_flight[key]
+
+    async def _produce(self, batch: dict[bytes, tuple[int, bytes | None]]) -> list[_ChangelogEvent]:
+        producer = await self.app.maybe_start_producer()
+        topic = self.table.changelog_topic.get_topic_name()
+        futures = [await producer.send(topic, key, value, partition, None, None)
+                   for key, (partition, value) in batch.items()]
+        results = await asyncio.gather(*futures)
+        now = time.time()
+        return [
+            _ChangelogEvent(Message(topic, meta.topic_partition.partition, meta.offset, now, _RECORD_TIMESTAMP_TYPE,
+                                    None, key, value, None, tp=TP(topic, meta.topic_partition.partition)))
+            for (key, (_, value)), meta in zip(batch.items(), results)
+        ]
