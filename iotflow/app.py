@@ -7,6 +7,7 @@ from datetime import timedelta
 
 from iotflow import logs, topics
 from iotflow.agents import ingest
+from iotflow.dedup import DeviceAccount, Mark
 from iotflow.errors import SettingsError
 from iotflow.ingest import IngestPipeline
 from iotflow.settings import Settings
@@ -62,8 +63,9 @@ def create_app(settings: Settings) -> faust.App:
     ingest_pipeline = IngestPipeline(
         sink=sink,
         dlq=topics.sensor_data_dlq(app, settings),
-        marks=TableBatch(app, marks),
-        accounts=TableBatch(app, accounts),
+        # The classes are their own codecs: ``Mark.encode(mark)``, ``Mark.decode(raw)``.
+        marks=TableBatch(app, marks, Mark),
+        accounts=TableBatch(app, accounts, DeviceAccount),
         limits=Limits(
             max_clock_skew=timedelta(seconds=settings.max_clock_skew_s),
             retention=timedelta(days=settings.retention_days),

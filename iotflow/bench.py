@@ -3,9 +3,11 @@
 1. Preload N telemetry messages (50 devices, one metric each) into a fresh ``bench-…-sensor-data``.
 2. (a) raw baseline: a bare aiokafka consumer decoding JSON and writing through the same
    idempotent COPY into ``sensor_measurements`` — what a user would write by hand.
-3. The baseline's rows are deleted, then (b) an iotflow worker consumes the same topic: validation,
+3. (c) the floor: a Faust agent that only acknowledges each event (``iotflow.bench_floor``), with
+   iotflow's transport — what Faust's per-event path costs before any work.
+4. The baseline's rows are deleted, then (b) an iotflow worker consumes the same topic: validation,
    dedup marks and accounts in RocksDB with changelogs, the same sink. Its peak RSS is sampled.
-4. Latency: at half of (b)'s rate, fresh messages stamped with their send time; p50/p99 of
+5. Latency: at half of (b)'s rate, fresh messages stamped with their send time; p50/p99 of
    (row committed − device ts) from the database.
 
 Both rates are messages/s over the whole topic, wall clock; the ratio (b)/(a) is the figure to
@@ -104,6 +106,19 @@ async def _sql(dsn: str, query: str, *args: object) -> list[asyncpg.Record]:
         await conn.close()
 
 
+def _floor_rate(bench: Settings, messages: int) -> float:
+    """(c) the floor: a no-op Faust agent on the same topic (a fresh consumer group reads it all)."""
+    with tempfile.TemporaryDirectory(prefix="iotflow-floor-") as state:
+        env = {"IOTFLOW_APP_ID": bench.app_id + "-floor", "IOTFLOW_TOPIC_PREFIX": bench.topic_prefix,
+               "IOTFLOW_WEB_PORT": str(free_port()), "IOTFLOW_DATA_DIR": state}
+        with WorkerProcess(env, Path(state) / "worker.log", app="iotflow.bench_floor") as floor:
+            floor.wait_ready(timeout=120)
+            started = time.monotonic()
+            while http_get_json(f"{floor.url}/bench/floor", timeout=10)[1]["seen"] < messages:
+                time.sleep(0.2)
+            return messages / (time.monotonic() - started)
+
+
 def _received(worker: WorkerProcess) -> int:
     status, body = http_get_json(f"{worker.url}/api/v1/pipeline/accounting?scope=local", timeout=10)
     return int(body["received"]) if status == 200 else 0
@@ -118,6 +133,7 @@ def run(settings: Settings, messages: int) -> dict[str, object]:
     asyncio.run(_preload(bench, device_prefix, messages))
 
     raw_rate = asyncio.run(_baseline(bench, messages))
+    floor_rate = _floor_rate(bench, messages)
     asyncio.run(_sql(bench.tsdb_dsn, "DELETE FROM sensor_measurements WHERE device_id LIKE $1", device_prefix + "%"))
 
     with tempfile.TemporaryDirectory(prefix="iotflow-bench-") as state:
@@ -153,8 +169,10 @@ def run(settings: Settings, messages: int) -> dict[str, object]:
     return {
         "messages": messages,
         "raw_baseline_msgs_per_s": round(raw_rate),
+        "faust_floor_msgs_per_s": round(floor_rate),
         "iotflow_msgs_per_s": round(iotflow_rate),
         "ratio": round(iotflow_rate / raw_rate, 3),
+        "floor_ratio": round(floor_rate / raw_rate, 3),
         "worker_peak_rss_mib": round(peak / 1024, 1),
         "latency_rate_msgs_per_s": round(latency_rate),
         "latency_p50_s": round(float(p["p50"] or 0), 3),

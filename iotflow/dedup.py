@@ -14,7 +14,7 @@ expire (faust issue #385); :class:`ExpiryIndex` is filled from restored marks as
 from __future__ import annotations
 
 import heapq
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from enum import Enum
 
 import msgspec
@@ -27,7 +27,7 @@ _decode_account = msgspec.json.Decoder(dict).decode
 class Verdict(Enum):
     NEW = "new"  # first time seen: store it and mark it
     DUPLICATE = "duplicate"  # another message already carried this msg_id: count, don't store
-    REPLAY = "replay"  # this very message again (a restart replayed it): store again, count nothing
+    REPLAY = "replay"  # this very message again (a restart replayed it): store again; counted only if never counted
 
 
 @dataclass(frozen=True)
@@ -85,9 +85,13 @@ class ExpiryIndex:
         return sum(len(h) for h in self._heaps.values())
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class DeviceAccount:
-    """What one device's messages have done so far. ``last_offset`` makes updates replay-safe."""
+    """What one device's messages have done so far. ``last_offset`` makes updates replay-safe.
+
+    Mutable: the ingest pipeline updates a device's account in place for every message of a batch
+    and encodes it once when the batch is flushed.
+    """
 
     received: int = 0
     accepted: int = 0
@@ -109,29 +113,33 @@ class DeviceAccount:
         """A message at or below the last counted offset was counted before a restart replayed it."""
         return offset <= self.last_offset
 
-    def count(self, outcome: Verdict | None, offset: int, now_ms: int, seq: int | None = None) -> DeviceAccount:
-        """The account after one more message: ``outcome`` None means invalid.
+    def count(self, outcome: Verdict | None, offset: int, now_ms: int, seq: int | None = None) -> None:
+        """Count one more message: ``outcome`` None means invalid.
 
         Only messages not :meth:`already_counted` are counted, so a REPLAY here is a message whose
         mark was made but whose first pass was never counted (a crash between the two writes):
         it is the accepted instance.
         """
-        changes: dict[str, object] = {"received": self.received + 1, "last_offset": offset, "last_seen_ms": now_ms}
+        self.received += 1
+        self.last_offset = offset
+        self.last_seen_ms = now_ms
         if outcome is None:
-            changes["invalid"] = self.invalid + 1
+            self.invalid += 1
         elif outcome is Verdict.DUPLICATE:
-            changes["duplicates"] = self.duplicates + 1
+            self.duplicates += 1
         else:
             assert seq is not None
-            changes["accepted"] = self.accepted + 1
-            changes["min_seq"] = seq if self.min_seq is None else min(self.min_seq, seq)
-            changes["max_seq"] = seq if self.max_seq is None else max(self.max_seq, seq)
-        return DeviceAccount(**{**asdict(self), **changes})
+            self.accepted += 1
+            self.min_seq = seq if self.min_seq is None or seq < self.min_seq else self.min_seq
+            self.max_seq = seq if self.max_seq is None or seq > self.max_seq else self.max_seq
 
     def encode(self) -> bytes:
         """The table value: the fields as a JSON object."""
-        return _encode(asdict(self))
+        return _encode({name: getattr(self, name) for name in _ACCOUNT_FIELDS})
 
     @classmethod
     def decode(cls, value: bytes | None) -> DeviceAccount:
         return cls(**_decode_account(value)) if value else cls()
+
+
+_ACCOUNT_FIELDS = tuple(f.name for f in fields(DeviceAccount))

@@ -57,8 +57,8 @@ class IngestPipeline:
         *,
         sink: MeasurementSink,
         dlq: faust.TopicT,
-        marks: TableBatch,
-        accounts: TableBatch,
+        marks: TableBatch[Mark],
+        accounts: TableBatch[DeviceAccount],
         limits: Limits,
         batch_size: int,
         dedup_window_s: float,
@@ -105,7 +105,7 @@ class IngestPipeline:
             self._index_restored_marks()
         self._expire(partition, now_ms)
         device_key: bytes = message.key or b""
-        account = DeviceAccount.decode(self.accounts.get(device_key))
+        account = self.accounts.get(device_key) or DeviceAccount()
         counted = account.already_counted(message.offset)
         pending = _Pending(event)
         try:
@@ -117,22 +117,22 @@ class IngestPipeline:
         except InvalidPayload as exc:
             pending.dlq = await self._send_to_dlq(event, "invalid", exc.field, str(exc))
             if not counted:
-                self.accounts.set(partition, device_key, account.count(None, message.offset, now_ms).encode())
-            metrics.MESSAGES.labels("invalid").inc()
+                account.count(None, message.offset, now_ms)
+                self.accounts.set(partition, device_key, account)
+            metrics.MESSAGES_BY_OUTCOME["invalid"].inc()
         else:
             key = dedup_key(telemetry.device_id, telemetry.msg_id)
-            stored_mark = self.marks.get(key)
-            outcome = verdict(Mark.decode(stored_mark) if stored_mark else None, partition, message.offset)
+            outcome = verdict(self.marks.get(key), partition, message.offset)
             if outcome is Verdict.NEW:
                 mark = Mark(partition, message.offset, now_ms)
-                self.marks.set(partition, key, mark.encode())
+                self.marks.set(partition, key, mark)
                 self._expiry.add(key, mark)
             if outcome is not Verdict.DUPLICATE:
                 pending.rows = telemetry.rows()
             if not counted:
-                self.accounts.set(partition, device_key,
-                                  account.count(outcome, message.offset, now_ms, telemetry.seq).encode())
-            metrics.MESSAGES.labels(outcome.value if not counted else "replay").inc()
+                account.count(outcome, message.offset, now_ms, telemetry.seq)
+                self.accounts.set(partition, device_key, account)
+            metrics.MESSAGES_BY_OUTCOME[outcome.value if not counted else "replay"].inc()
         self._pending.append(pending)
         self._pending_rows += len(pending.rows)
         if self._pending_rows >= self.batch_size or len(self._pending) >= 4 * self.batch_size:

@@ -8,6 +8,8 @@ MESSAGES = Counter(
     "Messages the ingest agent decided on, by outcome (new, duplicate, invalid, replay).",
     ["outcome"],
 )
+# The outcome children, resolved once: ``labels()`` per message showed up in profiles.
+MESSAGES_BY_OUTCOME = {outcome: MESSAGES.labels(outcome) for outcome in ("new", "duplicate", "invalid", "replay")}
 ROWS_STORED = Counter("iotflow_sink_rows_stored_total", "Measurement rows the sink inserted (new rows only).")
 DLQ = Counter("iotflow_dlq_messages_total", "Messages sent to sensor-data-dlq, by kind (invalid, rejected).", ["kind"])
 DEDUP_EXPIRED = Counter("iotflow_dedup_marks_expired_total", "Dedup marks deleted after the dedup window.")

@@ -54,26 +54,39 @@ def rss_kib(pid: int) -> int:
     raise RuntimeError(f"no VmRSS for pid {pid}")
 
 
+def http_json(method: str, url: str, body: Any = None, *, headers: Mapping[str, str] | None = None,
+              timeout: float = 10.0) -> tuple[int, dict[str, str], Any]:
+    """One HTTP request (``body`` sent as JSON unless it is bytes); the status, the response
+    headers and the decoded JSON body (None when not JSON)."""
+    data = body if body is None or isinstance(body, bytes) else json.dumps(body).encode()
+    request = urllib.request.Request(url, data=data, method=method,
+                                     headers={"Content-Type": "application/json", **(headers or {})})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            status, answer, raw = response.status, dict(response.headers), response.read()
+    except urllib.error.HTTPError as exc:
+        status, answer, raw = exc.code, dict(exc.headers), exc.read()
+    try:
+        return status, answer, json.loads(raw)
+    except ValueError:
+        return status, answer, None
+
+
 def http_get_json(url: str, *, timeout: float = 5.0) -> tuple[int, Any]:
     """GET ``url``; return the status and the decoded JSON body (None when not JSON)."""
-    try:
-        with urllib.request.urlopen(url, timeout=timeout) as response:
-            status, body = response.status, response.read()
-    except urllib.error.HTTPError as exc:
-        status, body = exc.code, exc.read()
-    try:
-        return status, json.loads(body)
-    except ValueError:
-        return status, None
+    status, _, body = http_json("GET", url, timeout=timeout)
+    return status, body
 
 
 class WorkerProcess:
     """One ``faust -A iotflow worker`` process with the given ``IOTFLOW_*`` overrides."""
 
-    def __init__(self, env: Mapping[str, str], log_path: Path, *, cwd: Path | None = None) -> None:
+    def __init__(self, env: Mapping[str, str], log_path: Path, *, cwd: Path | None = None,
+                 app: str = "iotflow") -> None:
         self.env = {**os.environ, **env}
         self.log_path = log_path
         self.cwd = cwd
+        self.app = app
         self.web_port = int(self.env.get("IOTFLOW_WEB_PORT", "6066"))
         self.proc: subprocess.Popen[bytes] | None = None
         self._log_offset = 0
@@ -87,7 +100,7 @@ class WorkerProcess:
         self._log_offset = self.log_path.stat().st_size if self.log_path.exists() else 0
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(
-                [str(faust), "-A", "iotflow", "worker", "-l", "info"],
+                [str(faust), "-A", self.app, "worker", "-l", "info"],
                 env=self.env,
                 cwd=self.cwd,
                 stdout=log,

@@ -4,10 +4,12 @@ Faust 0.15's fetcher hands every fetched record to the conductor through
 ``Service.wait_first(callback(message), suspend_flow.wait())``: two tasks and an ``asyncio.wait``
 per record, so that a rebalance (which sets ``suspend_flow``) can abandon a delivery blocked on
 a busy conductor. Profiled here, that is more than half of a no-op agent's time per message
-(docs/performance.md). The conductor's callback does not block when it can take the record (it
-puts into the stream's flow-control queue without waiting), so this consumer awaits it directly
-and keeps ``wait_first`` for the case it exists for: flow suspended, or the conductor's callback
-table locked by a resubscription. Everything else the fetcher does is kept: reading offsets,
+(docs/performance.md). The conductor's callback returns at once unless the stream's buffer is
+full, so this consumer awaits it directly and keeps ``wait_first`` for the cases known before the
+call: flow suspended, or the conductor's callback table locked by a resubscription. A delivery
+that waited on a full buffer through a rebalance (Faust's abandoned one would finish the same way,
+in the background) must not move the read offset that the rebalance's seek has set; the consumer
+generation tells. Everything else the fetcher does is kept: reading offsets,
 dropping records below the read offset, recording offset gaps for acking topics (so commits can
 pass transaction markers and compacted holes), committing every ``broker_commit_every`` acks, and
 yielding to the loop every hundred records.
@@ -61,9 +63,14 @@ class Consumer(faust_aiokafka.Consumer):
                         await self.commit()
                     if suspended.is_set() or (callback_lock is not None and callback_lock.locked()):
                         await self.wait_first(deliver(message), suspended.wait())
-                    else:
-                        await deliver(message)
-                    read_offsets[tp] = offset
+                        read_offsets[tp] = offset
+                        continue
+                    generation = self.app.consumer_generation_id
+                    await deliver(message)
+                    if self.app.consumer_generation_id == generation:
+                        read_offsets[tp] = offset
+                    # else the delivery waited on a full stream buffer through a rebalance, whose
+                    # seek to the committed offsets has set where reading goes on: keep that.
                 self.diag.unset_flag(CONSUMER_FETCHING)
         except self.consumer_stopped_errors:
             if not self.transport.app.should_stop:

@@ -24,12 +24,16 @@ from __future__ import annotations
 import asyncio
 import time
 from dataclasses import dataclass
+from typing import Generic, Protocol, TypeVar
 
 import faust
+from faust.stores.base import SerializedStore
 from faust.types import Message
 from faust.types.tuples import TP
 
 _RECORD_TIMESTAMP_TYPE = 0  # CreateTime, what the producer stamps
+
+V = TypeVar("V")
 
 
 @dataclass(frozen=True)
@@ -39,21 +43,43 @@ class _ChangelogEvent:
     message: Message
 
 
-class TableBatch:
-    def __init__(self, app: faust.App, table: faust.Table) -> None:
+class Codec(Protocol[V]):
+    def encode(self, value: V) -> bytes: ...
+    def decode(self, value: bytes) -> V: ...
+
+
+class TableBatch(Generic[V]):
+    """One table's writes waiting for the next flush; values stay objects until the batch is taken."""
+
+    def __init__(self, app: faust.App, table: faust.Table, codec: Codec[V]) -> None:
         self.app = app
         self.table = table
-        self._pending: dict[bytes, tuple[int, bytes | None]] = {}
+        self.codec = codec
+        self._pending: dict[bytes, tuple[int, V | None]] = {}
         self._in_flight: dict[bytes, tuple[int, bytes | None]] = {}
 
-    def get(self, key: bytes) -> bytes | None:
-        """The value as the batches so far leave it; the table is read in the current event's partition."""
-        for writes in (self._pending, self._in_flight):
-            if key in writes:
-                return writes[key][1]
-        return self.table.get(key)
+    def get(self, key: bytes) -> V | None:
+        """The value as the batches so far leave it; the table is read in the current event's partition.
 
-    def set(self, partition: int, key: bytes, value: bytes) -> None:
+        A pending value is returned as the very object that was set, so a caller may update it in
+        place and set it again.
+        """
+        pending = self._pending.get(key)
+        if pending is not None:
+            return pending[1]
+        raw = self._in_flight[key][1] if key in self._in_flight else self._stored(key)
+        return None if raw is None else self.codec.decode(raw)
+
+    def _stored(self, key: bytes) -> bytes | None:
+        # The store's own read (RocksDB: in the current event's partition). ``table.get`` would
+        # look the key up twice (``in``, then the value) and call the table's sensors on the way.
+        # The memory store keeps the bytes in a plain dict.
+        store = self.table.data
+        if isinstance(store, SerializedStore):
+            return store._get(key)
+        return store.data.get(key)
+
+    def set(self, partition: int, key: bytes, value: V) -> None:
         self._pending[key] = (partition, value)
 
     def delete(self, partition: int, key: bytes) -> None:
@@ -63,8 +89,11 @@ class TableBatch:
         return len(self._pending)
 
     def take(self) -> dict[bytes, tuple[int, bytes | None]]:
-        """Detach the pending writes as one batch; reads still see them until :meth:`write` is done."""
-        batch, self._pending = self._pending, {}
+        """Encode the pending writes as one batch; reads still see them until :meth:`write` is done."""
+        encode = self.codec.encode
+        batch = {key: (partition, None if value is None else encode(value))
+                 for key, (partition, value) in self._pending.items()}
+        self._pending = {}
         self._in_flight.update(batch)
         return batch
 

@@ -58,10 +58,10 @@ def test_partitions_given_away_are_dropped_from_the_index():
 
 def test_an_account_counts_each_kind_of_message():
     account = DeviceAccount()
-    account = account.count(Verdict.NEW, offset=0, now_ms=1, seq=5)
-    account = account.count(Verdict.DUPLICATE, offset=1, now_ms=2)
-    account = account.count(None, offset=2, now_ms=3)
-    account = account.count(Verdict.NEW, offset=3, now_ms=4, seq=8)
+    account.count(Verdict.NEW, offset=0, now_ms=1, seq=5)
+    account.count(Verdict.DUPLICATE, offset=1, now_ms=2)
+    account.count(None, offset=2, now_ms=3)
+    account.count(Verdict.NEW, offset=3, now_ms=4, seq=8)
     assert (account.received, account.accepted, account.duplicates, account.invalid) == (4, 2, 1, 1)
     assert (account.min_seq, account.max_seq, account.gaps) == (5, 8, 2)  # seqs 6 and 7 never came
     assert account.already_counted(3) and not account.already_counted(4)
@@ -71,7 +71,8 @@ def test_an_account_counts_each_kind_of_message():
 
 def test_a_replayed_message_that_was_never_counted_counts_as_accepted():
     # Its mark was written but the crash came before its account: this is its first count.
-    account = DeviceAccount().count(Verdict.REPLAY, offset=7, now_ms=1, seq=3)
+    account = DeviceAccount()
+    account.count(Verdict.REPLAY, offset=7, now_ms=1, seq=3)
     assert (account.received, account.accepted, account.min_seq, account.max_seq) == (1, 1, 3, 3)
 
 
@@ -83,7 +84,7 @@ def test_gaps_are_the_sequence_numbers_that_never_arrived(seqs):
         outcome = verdict(marks.get(seq), 0, offset)
         if outcome is Verdict.NEW:
             marks[seq] = Mark(0, offset, 0)
-        account = account.count(outcome, offset, 0, seq)
+        account.count(outcome, offset, 0, seq)
     distinct = set(seqs)
     assert account.accepted == len(distinct)
     assert account.duplicates == len(seqs) - len(distinct)
