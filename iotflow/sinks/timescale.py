@@ -29,6 +29,7 @@ from tenacity import AsyncRetrying, retry_if_exception, wait_random_exponential
 
 from iotflow.breaker import CircuitBreaker
 from iotflow.errors import CircuitOpen, SinkRejected, SinkUnavailable
+from iotflow.pg import LazyPool, is_transient
 
 log = structlog.get_logger(__name__)
 
@@ -46,21 +47,12 @@ _MOVE = (
     f"SELECT {', '.join(COLUMNS)} FROM {_STAGE} ON CONFLICT DO NOTHING"
 )
 
-# SQLSTATE classes and codes after which the same write can succeed: connection exceptions (08),
-# insufficient resources (53), operator intervention (57: shutdown, cancel by statement_timeout),
-# transaction rollback (40: serialization, deadlock), and "cannot connect now" during recovery.
-_RETRIABLE_CLASSES = ("08", "40", "53", "57", "58")
 _NO_PARTITION = "23514"  # check_violation: raised for a row with no partition to go to
 
 
 def is_retriable(exc: BaseException) -> bool:
     """Whether a failed write may succeed if tried again unchanged."""
-    if isinstance(exc, SinkUnavailable):
-        return True
-    if isinstance(exc, asyncpg.PostgresError):
-        code = getattr(exc, "sqlstate", None) or ""
-        return code[:2] in _RETRIABLE_CLASSES
-    return isinstance(exc, OSError | asyncio.TimeoutError | asyncpg.InterfaceError)
+    return isinstance(exc, SinkUnavailable) or is_transient(exc)
 
 
 class MeasurementSink:
@@ -76,14 +68,11 @@ class MeasurementSink:
         breaker: CircuitBreaker | None = None,
         max_backoff_s: float = 10.0,
     ) -> None:
-        self.dsn = dsn
-        self.pool_size = pool_size
-        self.connect_timeout_s = connect_timeout_s
-        self.command_timeout_s = command_timeout_s
+        self.pool = LazyPool(dsn, size=pool_size, connect_timeout_s=connect_timeout_s,
+                             command_timeout_s=command_timeout_s, application_name="iotflow-sink",
+                             init=_init_connection)
         self.breaker = breaker or CircuitBreaker("timescale")
         self.max_backoff_s = max_backoff_s
-        self._pool: asyncpg.Pool | None = None
-        self._pool_lock = asyncio.Lock()
 
     async def start(self) -> None:
         """Open the pool now if the database answers; otherwise the first write opens it."""
@@ -93,32 +82,15 @@ class MeasurementSink:
             log.warning("sink_unavailable_at_start", error=str(exc))
 
     async def stop(self) -> None:
-        if self._pool is not None:
-            pool, self._pool = self._pool, None
-            await asyncio.shield(pool.close())
+        await self.pool.close()
 
     async def _get_pool(self) -> asyncpg.Pool:
-        async with self._pool_lock:
-            if self._pool is None:
-                try:
-                    self._pool = await asyncpg.create_pool(
-                        self.dsn,
-                        min_size=1,
-                        max_size=self.pool_size,
-                        timeout=self.connect_timeout_s,
-                        command_timeout=self.command_timeout_s,
-                        max_inactive_connection_lifetime=60.0,
-                        server_settings={
-                            "application_name": "iotflow-sink",
-                            "statement_timeout": str(int(self.command_timeout_s * 1000)),
-                        },
-                        init=_init_connection,
-                    )
-                except Exception as exc:
-                    if is_retriable(exc):
-                        raise SinkUnavailable(f"cannot open a pool to the time-series database: {exc}") from exc
-                    raise
-            return self._pool
+        try:
+            return await self.pool.get()
+        except Exception as exc:
+            if is_retriable(exc):
+                raise SinkUnavailable(f"cannot open a pool to the time-series database: {exc}") from exc
+            raise
 
     async def write(self, rows: Sequence[Row]) -> int:
         """Write ``rows`` (retrying retriable failures until they succeed); return how many were new."""
@@ -142,7 +114,7 @@ class MeasurementSink:
             raise
         try:
             pool = await self._get_pool()
-            async with pool.acquire(timeout=self.connect_timeout_s) as conn:
+            async with self.pool.acquire(pool) as conn:
                 async with conn.transaction():
                     await conn.copy_records_to_table(_STAGE, records=rows, columns=COLUMNS)
                     status = await conn.execute(_MOVE)
@@ -163,7 +135,7 @@ class MeasurementSink:
         """Daily partitions ahead and retention behind (plain PostgreSQL); returns (created, dropped)."""
         created = await self.ensure_partitions(days_back=retention_days + 1)
         pool = await self._get_pool()
-        async with pool.acquire(timeout=self.connect_timeout_s) as conn:
+        async with self.pool.acquire(pool) as conn:
             dropped = await conn.fetchval(
                 "SELECT iotflow_drop_measurement_partitions(make_interval(days => $1))", retention_days
             )
@@ -172,7 +144,7 @@ class MeasurementSink:
     async def ensure_partitions(self, days_back: int = 91, days_ahead: int = 7) -> int:
         """Create the missing daily partitions (plain PostgreSQL; a no-op on a hypertable)."""
         pool = await self._get_pool()
-        async with pool.acquire(timeout=self.connect_timeout_s) as conn:
+        async with self.pool.acquire(pool) as conn:
             return int(await conn.fetchval("SELECT iotflow_ensure_measurement_partitions($1, $2)", days_back, days_ahead))
 
 
