@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import faust
+import mode
 
 from datetime import timedelta
 
@@ -10,13 +11,15 @@ from iotflow.agents import ingest
 from iotflow.dedup import DeviceAccount, Mark
 from iotflow.errors import SettingsError
 from iotflow.ingest import IngestPipeline
+from iotflow.pg import LazyPool
+from iotflow.registry import DeviceRegistry
 from iotflow.settings import Settings
 from iotflow.sinks.timescale import MeasurementSink
 from iotflow.tables import ingest as ingest_tables
 from iotflow.tables.batched import TableBatch
 from iotflow.telemetry import Limits
 from iotflow.transport import Transport
-from iotflow.web import health, ingest as ingest_views, pipeline
+from iotflow.web import devices, health, ingest as ingest_views, pipeline
 
 
 def create_app(settings: Settings) -> faust.App:
@@ -77,7 +80,20 @@ def create_app(settings: Settings) -> faust.App:
     health.register(app)
     pipeline.register(app, settings, accounts)
     ingest_views.register(app, settings)
+    registry_pool = LazyPool(settings.pg_dsn, size=settings.pg_pool_size,
+                             connect_timeout_s=settings.pg_connect_timeout_s,
+                             command_timeout_s=settings.pg_command_timeout_s, application_name="iotflow-api")
+    devices.register(app, DeviceRegistry(registry_pool))
+    _close_on_stop(app, registry_pool)
     return app
+
+
+def _close_on_stop(app: faust.App, *pools: LazyPool) -> None:
+    @app.service
+    class ClosePools(mode.Service):
+        async def on_stop(self) -> None:
+            for pool in pools:
+                await pool.close()
 
 
 def _load_settings() -> Settings:

@@ -5,9 +5,14 @@
     ├── StackError             the local stack could not be installed, started or stopped
     ├── MigrationError         a schema migration is malformed or failed (nothing half-applied)
     ├── InvalidPayload         a message fails validation; it goes to the DLQ, the stream goes on
+    ├── InvalidRequest         an API request fails validation (422): every bad field, named
     ├── SinkUnavailable        retriable: the database is down, slow or failing over
     │   └── CircuitOpen        retriable: the breaker refuses calls for retry_after seconds
-    └── SinkRejected           not retriable: the database refused these rows
+    ├── SinkRejected           not retriable: the database refused these rows
+    ├── RegistryUnavailable    retriable: the device registry's database cannot answer now (503)
+    ├── DeviceNotFound         no device with this id, or it was deleted (404)
+    ├── DeviceConflict         the id is registered already, with other attributes (409)
+    └── VersionMismatch        a change named an older version of the device than the current (412)
 
 Retry policy is read off the class (``retriable``), never off the message.
 """
@@ -72,3 +77,46 @@ class InvalidPayload(IotflowError):
         else:
             shown = value if not isinstance(value, str | bytes) or len(value) <= 80 else value[:80]
             super().__init__(f"{field}: {reason} (got {shown!r})")
+
+
+class InvalidRequest(IotflowError):
+    """An API request that fails validation: ``errors`` lists each field, its value and the reason."""
+
+    def __init__(self, title: str, errors: list[dict[str, object]]) -> None:
+        self.title = title
+        self.errors = errors
+        super().__init__(f"{title}: " + "; ".join(f"{e['field']}: {e['reason']}" for e in errors))
+
+
+class RegistryUnavailable(IotflowError):
+    """The device registry's database is down, slow or failing over; the same call may succeed later."""
+
+    retriable = True
+
+
+class DeviceNotFound(IotflowError):
+    """No device with this id, or only a deleted one."""
+
+    def __init__(self, device_id: str) -> None:
+        self.device_id = device_id
+        super().__init__(f"no device {device_id!r}")
+
+
+class DeviceConflict(IotflowError):
+    """A registration names an id that exists with other attributes (registering again is not a change)."""
+
+    def __init__(self, device_id: str, fields: list[str]) -> None:
+        self.device_id = device_id
+        self.fields = fields
+        super().__init__(f"device {device_id!r} is registered with other values of {', '.join(fields)}; "
+                         "use PATCH to change it")
+
+
+class VersionMismatch(IotflowError):
+    """A change named (If-Match) a version of the device other than its current one."""
+
+    def __init__(self, device_id: str, expected: int, current: int) -> None:
+        self.device_id = device_id
+        self.expected = expected
+        self.current = current
+        super().__init__(f"device {device_id!r} is at version {current}, not {expected}; read it again and retry")

@@ -9,7 +9,7 @@ from collections.abc import Iterator
 import asyncpg
 import pytest
 
-from iotflow.migrate import migrator
+from iotflow.migrate import default_dir, discover, migrator
 from iotflow.settings import Settings
 from iotflow.sinks.timescale import MeasurementSink
 
@@ -41,26 +41,40 @@ async def partitions(dsn: str) -> int:
         await conn.close()
 
 
-async def table_exists(dsn: str) -> bool:
+async def tables(dsn: str) -> set[str]:
+    """iotflow's tables that exist (partitions aside)."""
     conn = await asyncpg.connect(dsn, timeout=10)
     try:
-        return await conn.fetchval("SELECT to_regclass('sensor_measurements') IS NOT NULL")
+        rows = await conn.fetch("SELECT c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
+                                "WHERE n.nspname = 'public' AND c.relkind IN ('r', 'p') AND NOT c.relispartition "
+                                "AND c.relname <> 'iotflow_schema_migrations'")
+        return {r["relname"] for r in rows}
     finally:
         await conn.close()
 
 
 def test_up_down_up_and_a_second_up_changes_nothing(scratch_db: Settings):
     m = migrator(scratch_db)
-    assert [s.applied for s in asyncio.run(m.status())] == [False]
-    assert [x.version for x in asyncio.run(m.up())] == [1]
+    versions = [x.version for x in discover(default_dir())]
+    assert versions[:2] == [1, 2]
+    assert [s.applied for s in asyncio.run(m.status())] == [False] * len(versions)
+    assert [x.version for x in asyncio.run(m.up())] == versions
     assert asyncio.run(m.up()) == []
-    assert [s.applied for s in asyncio.run(m.status())] == [True]
+    assert [s.applied for s in asyncio.run(m.status())] == [True] * len(versions)
     # Plain PostgreSQL here: daily partitions from the retention window back to a week ahead.
     assert asyncio.run(partitions(scratch_db.tsdb_dsn)) == 91 + 1 + 7
-    assert [x.version for x in asyncio.run(m.down(0))] == [1]
-    assert not asyncio.run(table_exists(scratch_db.tsdb_dsn))
-    assert [x.version for x in asyncio.run(m.up())] == [1]
-    assert asyncio.run(table_exists(scratch_db.tsdb_dsn))
+    assert asyncio.run(tables(scratch_db.tsdb_dsn)) == {"sensor_measurements", "devices", "device_outbox"}
+    assert [x.version for x in asyncio.run(m.down(0))] == versions[::-1]
+    assert asyncio.run(tables(scratch_db.tsdb_dsn)) == set()
+    assert [x.version for x in asyncio.run(m.up())] == versions
+    assert asyncio.run(tables(scratch_db.tsdb_dsn)) == {"sensor_measurements", "devices", "device_outbox"}
+
+
+def test_down_to_a_version_keeps_what_came_before(scratch_db: Settings):
+    m = migrator(scratch_db)
+    asyncio.run(m.up())
+    assert [x.version for x in asyncio.run(m.down(1))][-1] == 2
+    assert asyncio.run(tables(scratch_db.tsdb_dsn)) == {"sensor_measurements"}
 
 
 def test_concurrent_runs_apply_each_migration_once(scratch_db: Settings):
@@ -68,7 +82,7 @@ def test_concurrent_runs_apply_each_migration_once(scratch_db: Settings):
         return await asyncio.gather(migrator(scratch_db).up(), migrator(scratch_db).up())
 
     first, second = asyncio.run(both())
-    assert sorted([len(first), len(second)]) == [0, 1]
+    assert sorted([len(first), len(second)]) == [0, len(discover(default_dir()))]
 
 
 def test_upkeep_drops_days_past_retention_and_creates_days_ahead(scratch_db: Settings):

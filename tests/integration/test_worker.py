@@ -14,6 +14,7 @@ from iotflow.testing import (
     WorkerProcess,
     dlq_messages,
     http_get_json,
+    http_json,
     produce,
     produce_telemetry,
     stored_messages,
@@ -161,16 +162,7 @@ def test_a_bad_setting_stops_the_worker_with_one_line_naming_it(tmp_path: Path):
 
 
 def post_json(url: str, body: bytes) -> tuple[int, dict, dict]:
-    import json
-    import urllib.error
-    import urllib.request
-
-    request = urllib.request.Request(url, data=body, method="POST", headers={"Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(request, timeout=30) as response:
-            return response.status, dict(response.headers), json.loads(response.read())
-    except urllib.error.HTTPError as exc:
-        return exc.code, dict(exc.headers), json.loads(exc.read())
+    return http_json("POST", url, body, timeout=30)
 
 
 def test_http_ingest_accepts_a_valid_batch_only_after_kafka_has_it(settings, start_worker, devices, run_id):

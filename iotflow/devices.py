@@ -1,0 +1,227 @@
+"""Device records: what a registration, a change and a list query may say (plain logic, no I/O).
+
+Every check names the field, the value and what was expected, and a request is checked whole: a
+body with three mistakes gets three errors in one answer, never one at a time.
+"""
+from __future__ import annotations
+
+import base64
+import binascii
+import re
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+import msgspec
+
+from iotflow.errors import InvalidRequest
+from iotflow.telemetry import DEVICE_ID
+
+TYPE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}")
+TAG = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:=/-]{0,63}")
+FIRMWARE_VERSION = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]{0,63}")
+STATUSES = ("provisioned", "active", "inactive", "maintenance")
+MAX_NAME = 200
+MAX_TAGS = 32
+MAX_PAGE = 500
+DEFAULT_PAGE = 100
+
+_REGISTRATION_FIELDS = ("id", "name", "type", "tags", "firmware_version", "status")
+_CHANGEABLE_FIELDS = ("name", "type", "tags", "firmware_version", "status")
+
+
+@dataclass(frozen=True)
+class Registration:
+    id: str
+    name: str
+    type: str
+    tags: tuple[str, ...] = ()
+    firmware_version: str | None = None
+    status: str = "active"
+
+
+@dataclass(frozen=True)
+class Change:
+    """The fields a PATCH sets; absent fields keep their value (``firmware_version`` may be set to null)."""
+
+    values: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class DeviceQuery:
+    type: str | None = None
+    status: str | None = None
+    firmware_version: str | None = None
+    tags: tuple[str, ...] = ()
+    limit: int = DEFAULT_PAGE
+    after: str | None = None  # the last id of the previous page (keyset pagination by id)
+
+
+@dataclass(frozen=True)
+class Device:
+    id: str
+    name: str
+    type: str
+    tags: tuple[str, ...]
+    firmware_version: str | None
+    status: str
+    created_at: datetime
+    updated_at: datetime
+    last_seen: datetime | None
+    version: int
+    deleted_at: datetime | None = None
+
+    @property
+    def etag(self) -> str:
+        return f'"{self.version}"'
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "id": self.id, "name": self.name, "type": self.type, "tags": list(self.tags),
+            "firmware_version": self.firmware_version, "status": self.status,
+            "created_at": self.created_at.isoformat(), "updated_at": self.updated_at.isoformat(),
+            "last_seen": self.last_seen.isoformat() if self.last_seen else None,
+            "version": self.version,
+            "deleted_at": self.deleted_at.isoformat() if self.deleted_at else None,
+        }
+
+    def differs_from(self, registration: Registration) -> list[str]:
+        """The registration's fields whose values this device does not have."""
+        return [name for name in _REGISTRATION_FIELDS[1:] if getattr(self, name) != getattr(registration, name)]
+
+
+@dataclass
+class _Errors:
+    found: list[dict[str, Any]] = field(default_factory=list)
+
+    def add(self, field_name: str, value: Any, reason: str) -> None:
+        self.found.append({"field": field_name, "value": value, "reason": reason})
+
+    def raise_any(self, title: str) -> None:
+        if self.found:
+            raise InvalidRequest(title, self.found)
+
+
+def _object(body: bytes) -> dict[str, Any]:
+    try:
+        value = msgspec.json.decode(body)
+    except msgspec.DecodeError as exc:
+        raise InvalidRequest("Body is not JSON", [{"field": "body", "value": None, "reason": str(exc)}]) from None
+    if not isinstance(value, dict):
+        raise InvalidRequest("Body is not a JSON object",
+                             [{"field": "body", "value": type(value).__name__, "reason": "expected an object"}])
+    return value
+
+
+def _text(errors: _Errors, name: str, value: Any, pattern: re.Pattern[str], expected: str) -> str | None:
+    if not isinstance(value, str) or not pattern.fullmatch(value):
+        errors.add(name, value, f"expected {expected}")
+        return None
+    return value
+
+
+def _check_field(errors: _Errors, name: str, value: Any) -> Any:
+    """One field of a registration or a change, checked; returns the value to store."""
+    if name == "id":
+        return _text(errors, name, value, DEVICE_ID, "letters, digits and _.:- only, 1-128 characters")
+    if name == "name":
+        if not isinstance(value, str) or not value.strip() or len(value) > MAX_NAME:
+            errors.add(name, value, f"expected a non-blank string of at most {MAX_NAME} characters")
+        return value
+    if name == "type":
+        return _text(errors, name, value, TYPE, "letters, digits and _.:- only, 1-64 characters")
+    if name == "tags":
+        if not isinstance(value, list) or len(value) > MAX_TAGS:
+            errors.add(name, value, f"expected a list of at most {MAX_TAGS} tags")
+            return ()
+        for i, tag in enumerate(value):
+            _text(errors, f"tags[{i}]", tag, TAG, "letters, digits and _.:=/- only, 1-64 characters")
+        return tuple(sorted({t for t in value if isinstance(t, str)}))
+    if name == "firmware_version":
+        if value is None:
+            return None
+        return _text(errors, name, value, FIRMWARE_VERSION, "null or letters, digits and _.+- only, 1-64 characters")
+    if name == "status":
+        if value not in STATUSES:
+            errors.add(name, value, f"expected one of {', '.join(STATUSES)}")
+        return value
+    raise AssertionError(name)
+
+
+def parse_registration(body: bytes) -> Registration:
+    raw = _object(body)
+    errors = _Errors()
+    for name in sorted(set(raw) - set(_REGISTRATION_FIELDS)):
+        errors.add(name, raw[name], "unknown field")
+    for name in ("id", "name", "type"):
+        if name not in raw:
+            errors.add(name, None, "required")
+    values = {name: _check_field(errors, name, raw[name]) for name in _REGISTRATION_FIELDS if name in raw}
+    errors.raise_any("Invalid device registration")
+    return Registration(**values)
+
+
+def parse_change(body: bytes) -> Change:
+    raw = _object(body)
+    errors = _Errors()
+    for name in sorted(set(raw) - set(_CHANGEABLE_FIELDS)):
+        reason = "cannot be changed" if name in ("id", "version", "created_at", "updated_at", "deleted_at",
+                                                 "last_seen") else "unknown field"
+        errors.add(name, raw[name], reason)
+    if not raw:
+        errors.add("body", {}, f"expected at least one of {', '.join(_CHANGEABLE_FIELDS)}")
+    values = {name: _check_field(errors, name, raw[name]) for name in _CHANGEABLE_FIELDS if name in raw}
+    errors.raise_any("Invalid device change")
+    return Change(values)
+
+
+def parse_if_match(header: str | None) -> int | None:
+    """The version an ``If-Match`` header names (``"3"``, ``W/"3"`` or ``3``); None when absent."""
+    if header is None:
+        return None
+    text = header.strip()
+    if text.startswith("W/"):
+        text = text[2:]
+    text = text.strip('"')
+    if not text.isdigit() or int(text) < 1:
+        raise InvalidRequest("Invalid If-Match", [{"field": "If-Match", "value": header,
+                                                   "reason": 'expected a device version as an entity tag, e.g. "3"'}])
+    return int(text)
+
+
+def encode_cursor(last_id: str) -> str:
+    return base64.urlsafe_b64encode(last_id.encode()).decode().rstrip("=")
+
+
+def _decode_cursor(errors: _Errors, cursor: str) -> str | None:
+    try:
+        last_id = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
+    except (binascii.Error, UnicodeDecodeError, ValueError):
+        last_id = ""
+    if not DEVICE_ID.fullmatch(last_id):
+        errors.add("cursor", cursor, "not a cursor this API gave out")
+        return None
+    return last_id
+
+
+def parse_query(params: Any) -> DeviceQuery:
+    """``GET /devices`` query parameters (a multidict: ``tag`` may repeat)."""
+    errors = _Errors()
+    known = {"type", "status", "firmware_version", "tag", "limit", "cursor"}
+    for name in sorted(set(params.keys()) - known):
+        errors.add(name, params.get(name), "unknown query parameter")
+    values: dict[str, Any] = {}
+    for name in ("type", "status", "firmware_version"):
+        if name in params:
+            values[name] = _check_field(errors, name, params.get(name))
+    values["tags"] = tuple(sorted({_text(errors, "tag", t, TAG, "a tag") or "" for t in params.getall("tag", [])}))
+    if "limit" in params:
+        raw = params.get("limit")
+        if not raw.isdigit() or not 1 <= int(raw) <= MAX_PAGE:
+            errors.add("limit", raw, f"expected an integer from 1 to {MAX_PAGE}")
+        else:
+            values["limit"] = int(raw)
+    if "cursor" in params:
+        values["after"] = _decode_cursor(errors, params.get("cursor"))
+    errors.raise_any("Invalid device query")
+    return DeviceQuery(**values)

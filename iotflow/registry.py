@@ -1,0 +1,156 @@
+"""The device registry in PostgreSQL: devices and, in the same transactions, their outbox events.
+
+Each change of a device and its lifecycle event (registered, updated, deleted) are written in one
+transaction, so the event exists if and only if the change does; the outbox relay publishes the
+events to ``device-events`` afterwards (docs/devices.md has the consistency model).
+
+Registration is idempotent: the same registration again returns the device as it is and writes
+nothing; the same id with other attributes is a :class:`DeviceConflict`. Changes name the version
+they were made against (``If-Match``); a stale one is a :class:`VersionMismatch`. Deleting sets
+``deleted_at`` and keeps the row (R-05): the device's measurements and events keep their meaning.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+import asyncpg
+
+from iotflow.devices import Change, Device, DeviceQuery, Registration, encode_cursor
+from iotflow.errors import DeviceConflict, DeviceNotFound, IotflowError, RegistryUnavailable, VersionMismatch
+from iotflow.pg import LazyPool, is_transient
+
+_COLUMNS = "id, name, type, tags, firmware_version, status, created_at, updated_at, last_seen, version, deleted_at"
+
+
+def _device(record: asyncpg.Record) -> Device:
+    return Device(**{**dict(record), "tags": tuple(record["tags"])})
+
+
+class DeviceRegistry:
+    def __init__(self, pool: LazyPool) -> None:
+        self.pool = pool
+
+    @contextlib.asynccontextmanager
+    async def _connection(self, *, transaction: bool = False) -> AsyncIterator[asyncpg.Connection]:
+        """A pooled connection (in a transaction if asked); transient driver errors become
+        :class:`RegistryUnavailable` at this boundary."""
+        try:
+            async with self.pool.acquire(await self.pool.get()) as conn:
+                if transaction:
+                    async with conn.transaction():
+                        yield conn
+                else:
+                    yield conn
+        except IotflowError:
+            raise
+        except Exception as exc:
+            if is_transient(exc):
+                raise RegistryUnavailable(
+                    f"the device registry's database is not answering: {exc.__class__.__name__}: {exc}") from exc
+            raise
+
+    async def register(self, registration: Registration) -> tuple[Device, bool]:
+        """The device and whether this call created it."""
+        async with self._connection(transaction=True) as conn:
+            created = await conn.fetchrow(
+                f"INSERT INTO devices (id, name, type, tags, firmware_version, status) "
+                f"VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (id) DO NOTHING RETURNING {_COLUMNS}",
+                registration.id, registration.name, registration.type, list(registration.tags),
+                registration.firmware_version, registration.status,
+            )
+            if created is not None:
+                device = _device(created)
+                await _event(conn, device, "registered")
+                return device, True
+            existing = _device(await conn.fetchrow(f"SELECT {_COLUMNS} FROM devices WHERE id = $1",
+                                                   registration.id))
+        if existing.deleted_at is not None:
+            raise DeviceConflict(registration.id, ["deleted_at"])
+        differs = existing.differs_from(registration)
+        if differs:
+            raise DeviceConflict(registration.id, differs)
+        return existing, False
+
+    async def get(self, device_id: str) -> Device:
+        async with self._connection() as conn:
+            record = await conn.fetchrow(f"SELECT {_COLUMNS} FROM devices WHERE id = $1 AND deleted_at IS NULL",
+                                         device_id)
+        if record is None:
+            raise DeviceNotFound(device_id)
+        return _device(record)
+
+    async def list(self, query: DeviceQuery) -> tuple[list[Device], str | None]:
+        """One page of live devices in id order, and the cursor of the next page (None at the end)."""
+        where, args = ["deleted_at IS NULL"], []
+        for column in ("type", "status", "firmware_version"):
+            value = getattr(query, column)
+            if value is not None:
+                args.append(value)
+                where.append(f"{column} = ${len(args)}")
+        if query.tags:
+            args.append(list(query.tags))
+            where.append(f"tags @> ${len(args)}")
+        if query.after is not None:
+            args.append(query.after)
+            where.append(f"id > ${len(args)}")
+        args.append(query.limit + 1)
+        sql = f"SELECT {_COLUMNS} FROM devices WHERE {' AND '.join(where)} ORDER BY id LIMIT ${len(args)}"
+        async with self._connection() as conn:
+            records = await conn.fetch(sql, *args)
+        devices = [_device(r) for r in records[: query.limit]]
+        more = len(records) > query.limit
+        return devices, encode_cursor(devices[-1].id) if more else None
+
+    async def update(self, device_id: str, change: Change, expected_version: int | None) -> Device:
+        """Apply ``change`` if the device is at ``expected_version`` (None: whatever version it is at)."""
+        assignments = [f"{name} = ${i}" for i, name in enumerate(change.values, start=3)]
+        values = [list(v) if name == "tags" else v for name, v in change.values.items()]
+        async with self._connection(transaction=True) as conn:
+            current = await _locked(conn, device_id, expected_version)
+            record = await conn.fetchrow(
+                f"UPDATE devices SET {', '.join(assignments)}, version = version + 1, updated_at = now() "
+                f"WHERE id = $1 AND version = $2 RETURNING {_COLUMNS}",
+                device_id, current.version, *values,
+            )
+            device = _device(record)
+            await _event(conn, device, "updated", changed=sorted(change.values))
+            return device
+
+    async def delete(self, device_id: str, expected_version: int | None) -> Device:
+        """Soft delete: the row stays with ``deleted_at`` set; its id cannot be registered again."""
+        async with self._connection(transaction=True) as conn:
+            await _locked(conn, device_id, expected_version)
+            record = await conn.fetchrow(
+                f"UPDATE devices SET deleted_at = now(), updated_at = now(), version = version + 1 "
+                f"WHERE id = $1 RETURNING {_COLUMNS}",
+                device_id,
+            )
+            device = _device(record)
+            await _event(conn, device, "deleted")
+            return device
+
+
+async def _locked(conn: asyncpg.Connection, device_id: str, expected_version: int | None) -> Device:
+    """The live device, locked for this transaction, at ``expected_version`` if one is named."""
+    record = await conn.fetchrow(
+        f"SELECT {_COLUMNS} FROM devices WHERE id = $1 AND deleted_at IS NULL FOR UPDATE", device_id)
+    if record is None:
+        raise DeviceNotFound(device_id)
+    current = _device(record)
+    if expected_version is not None and current.version != expected_version:
+        raise VersionMismatch(device_id, expected_version, current.version)
+    return current
+
+
+async def _event(conn: asyncpg.Connection, device: Device, kind: str, **extra: Any) -> None:
+    event_id = uuid.uuid4()
+    payload = {"event_id": str(event_id), "kind": kind, "device": device.to_json(), **extra}
+    await conn.execute(
+        "INSERT INTO device_outbox (event_id, device_id, kind, payload) VALUES ($1, $2, $3, $4::jsonb)",
+        event_id, device.id, kind, json.dumps(payload),
+    )
+

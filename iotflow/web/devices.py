@@ -1,0 +1,86 @@
+"""``/api/v1/devices``: register, list, read, change and (softly) delete devices.
+
+Answers are JSON with ``X-Request-ID``; a device carries its version as ``ETag``, and a change or a
+delete may name it in ``If-Match`` (a stale one gets 412). Errors are problem+json: 422 names
+every bad field and value, 404 an unknown or deleted device, 409 a registration that contradicts
+the device on record, 503 (with ``Retry-After``) a registry database that is not answering.
+"""
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+
+import faust
+from faust.web import Request, Response, View
+
+from iotflow.devices import Device, parse_change, parse_if_match, parse_query, parse_registration
+from iotflow.errors import DeviceConflict, DeviceNotFound, InvalidRequest, RegistryUnavailable, VersionMismatch
+from iotflow.registry import DeviceRegistry
+from iotflow.web.problems import HEADER, problem, request_id
+
+PREFIX = "/api/v1/devices"
+_RETRY_AFTER_S = 2
+
+
+def _device_response(view: View, request: Request, device: Device, status: int = 200, **headers: str) -> Response:
+    return view.json(device.to_json(), status=status,
+                     headers={HEADER: request_id(request), "ETag": device.etag, **headers})
+
+
+async def _answer(view: View, request: Request, work: Callable[[], Awaitable[Response]]) -> Response:
+    """Run ``work``; map the registry's errors to problem+json answers."""
+    try:
+        return await work()
+    except InvalidRequest as exc:
+        return problem(view, request, 422, exc.title, str(exc), errors=exc.errors)
+    except DeviceNotFound as exc:
+        return problem(view, request, 404, "No such device", str(exc), device_id=exc.device_id)
+    except DeviceConflict as exc:
+        return problem(view, request, 409, "Device registered with other values", str(exc),
+                       device_id=exc.device_id, fields=exc.fields)
+    except VersionMismatch as exc:
+        return problem(view, request, 412, "Device changed since it was read", str(exc),
+                       device_id=exc.device_id, current_version=exc.current)
+    except RegistryUnavailable as exc:
+        response = problem(view, request, 503, "Device registry unavailable", str(exc))
+        response.headers["Retry-After"] = str(_RETRY_AFTER_S)
+        return response
+
+
+def register(app: faust.App, registry: DeviceRegistry) -> None:
+    @app.page(PREFIX)
+    class Devices(View):
+        async def post(self, request: Request) -> Response:
+            async def work() -> Response:
+                registration = parse_registration(await self.read_request_content(request))
+                device, created = await registry.register(registration)
+                if created:
+                    return _device_response(self, request, device, 201, Location=f"{PREFIX}/{device.id}")
+                return _device_response(self, request, device)
+            return await _answer(self, request, work)
+
+        async def get(self, request: Request) -> Response:
+            async def work() -> Response:
+                devices, cursor = await registry.list(parse_query(request.query))
+                body = {"items": [d.to_json() for d in devices], "next_cursor": cursor}
+                return self.json(body, headers={HEADER: request_id(request)})
+            return await _answer(self, request, work)
+
+    @app.page(PREFIX + "/{device_id}")
+    class OneDevice(View):
+        async def get(self, request: Request, device_id: str) -> Response:
+            async def work() -> Response:
+                return _device_response(self, request, await registry.get(device_id))
+            return await _answer(self, request, work)
+
+        async def patch(self, request: Request, device_id: str) -> Response:
+            async def work() -> Response:
+                change = parse_change(await self.read_request_content(request))
+                version = parse_if_match(request.headers.get("If-Match"))
+                return _device_response(self, request, await registry.update(device_id, change, version))
+            return await _answer(self, request, work)
+
+        async def delete(self, request: Request, device_id: str) -> Response:
+            async def work() -> Response:
+                version = parse_if_match(request.headers.get("If-Match"))
+                return _device_response(self, request, await registry.delete(device_id, version))
+            return await _answer(self, request, work)

@@ -1,0 +1,151 @@
+"""The device registry API against a real worker and PostgreSQL: registration, queries, changes
+with optimistic concurrency, soft delete, problem+json errors and the outbox events."""
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import uuid
+
+import asyncpg
+import pytest
+
+from iotflow.kafka_admin import ensure_topics
+from iotflow.testing import WorkerProcess, free_port, http_json
+
+pytestmark = pytest.mark.timeout(240)
+
+
+@pytest.fixture(scope="module")
+def api(stack, tmp_path_factory):
+    """One worker for the module: these tests share it and keep to their own device ids."""
+    run = uuid.uuid4().hex[:8]
+    own = dataclasses.replace(stack, topic_prefix=f"t{run}-", app_id=f"iotflow-test-{run}")
+    asyncio.run(ensure_topics(own))
+    state = tmp_path_factory.mktemp("devices-api")
+    env = {"IOTFLOW_APP_ID": own.app_id, "IOTFLOW_TOPIC_PREFIX": own.topic_prefix,
+           "IOTFLOW_WEB_PORT": str(free_port()), "IOTFLOW_DATA_DIR": str(state)}
+    with WorkerProcess(env, state / "worker.log") as worker:
+        worker.wait_ready()
+        yield worker.url + "/api/v1/devices"
+
+
+def _call(method: str, url: str, body=None, **headers: str):
+    return http_json(method, url, body, headers=headers)
+
+
+def _outbox(settings, device_id: str) -> list[tuple[str, int]]:
+    async def read() -> list[tuple[str, int]]:
+        conn = await asyncpg.connect(settings.pg_dsn, timeout=10)
+        try:
+            rows = await conn.fetch("SELECT kind, (payload->'device'->>'version')::int AS version FROM device_outbox "
+                                    "WHERE device_id = $1 ORDER BY seq", device_id)
+            return [(r["kind"], r["version"]) for r in rows]
+        finally:
+            await conn.close()
+    return asyncio.run(read())
+
+
+def test_registering_twice_creates_one_device_and_a_contradiction_is_a_conflict(api, settings, run_id):
+    body = {"id": f"reg-{run_id}", "name": "boiler room", "type": "thermo", "tags": ["b", "a", "a"],
+            "firmware_version": "1.0.0"}
+    status, headers, created = _call("POST", api, body)
+    assert status == 201, created
+    assert headers["Location"] == f"/api/v1/devices/reg-{run_id}"
+    assert headers["ETag"] == '"1"' and headers["X-Request-ID"]
+    assert (created["tags"], created["status"], created["version"]) == (["a", "b"], "active", 1)
+
+    status, _, again = _call("POST", api, body)
+    assert (status, again) == (200, created)
+
+    status, headers, problem = _call("POST", api, {**body, "type": "meter"})
+    assert status == 409 and headers["Content-Type"].startswith("application/problem+json")
+    assert problem["fields"] == ["type"] and problem["request_id"] == headers["X-Request-ID"]
+    assert _outbox(settings, f"reg-{run_id}") == [("registered", 1)]
+
+
+def test_a_bad_registration_names_every_field_and_value(api, run_id):
+    status, headers, problem = _call("POST", api, {"id": "no spaces", "type": "t", "tags": ["ok", ""],
+                                                   "colour": "red"}, **{"X-Request-ID": f"req-{run_id}"})
+    assert status == 422 and headers["Content-Type"].startswith("application/problem+json")
+    assert problem["request_id"] == f"req-{run_id}"
+    found = {(e["field"], str(e["value"])) for e in problem["errors"]}
+    assert found == {("id", "no spaces"), ("name", "None"), ("tags[1]", ""), ("colour", "red")}
+
+    status, _, problem = _call("POST", api, b"{not json")
+    assert status == 422 and problem["errors"][0]["field"] == "body"
+
+
+def test_an_unknown_device_is_404(api, run_id):
+    status, _, problem = _call("GET", f"{api}/nobody-{run_id}")
+    assert status == 404 and problem["device_id"] == f"nobody-{run_id}"
+
+
+def test_filters_and_cursor_pages_cover_each_matching_device_once(api, run_id):
+    ids = [f"q-{run_id}-{i:02d}" for i in range(25)]
+    for i, device_id in enumerate(ids):
+        body = {"id": device_id, "name": device_id, "type": f"kind-{run_id}", "tags": ["fleet", f"row{i % 2}"],
+                "firmware_version": "2.0" if i < 10 else "2.1", "status": "active" if i % 5 else "maintenance"}
+        assert _call("POST", api, body)[0] == 201
+
+    def every_page(query: str) -> list[str]:
+        seen, cursor = [], None
+        while True:
+            url = f"{api}?{query}&limit=4" + (f"&cursor={cursor}" if cursor else "")
+            status, _, page = _call("GET", url)
+            assert status == 200, page
+            assert len(page["items"]) <= 4
+            seen += [d["id"] for d in page["items"]]
+            cursor = page["next_cursor"]
+            if cursor is None:
+                return seen
+
+    assert every_page(f"type=kind-{run_id}") == ids
+    assert every_page(f"type=kind-{run_id}&tag=row1&tag=fleet") == ids[1::2]
+    assert every_page(f"type=kind-{run_id}&firmware_version=2.0") == ids[:10]
+    assert every_page(f"type=kind-{run_id}&status=maintenance") == ids[::5]
+
+    status, _, problem = _call("GET", f"{api}?limit=0&cursor=%25%25&colour=red")
+    assert status == 422
+    assert {e["field"] for e in problem["errors"]} == {"limit", "cursor", "colour"}
+
+
+def test_a_change_against_a_stale_version_is_refused_with_412(api, settings, run_id):
+    url = f"{api}/chg-{run_id}"
+    _call("POST", api, {"id": f"chg-{run_id}", "name": "pump", "type": "pump"})
+
+    status, headers, changed = _call("PATCH", url, {"name": "pump 2", "tags": ["x"]}, **{"If-Match": '"1"'})
+    assert status == 200, changed
+    assert (changed["name"], changed["tags"], changed["version"], headers["ETag"]) == ("pump 2", ["x"], 2, '"2"')
+
+    status, _, problem = _call("PATCH", url, {"name": "lost update"}, **{"If-Match": '"1"'})
+    assert status == 412 and problem["current_version"] == 2
+    assert _call("GET", url)[2]["name"] == "pump 2"
+
+    status, _, problem = _call("PATCH", url, {"id": "other", "version": 9})
+    assert status == 422 and {e["reason"] for e in problem["errors"]} == {"cannot be changed"}
+    status, _, problem = _call("PATCH", url, {"name": "x"}, **{"If-Match": "yesterday"})
+    assert status == 422 and problem["errors"][0]["field"] == "If-Match"
+    assert _outbox(settings, f"chg-{run_id}") == [("registered", 1), ("updated", 2)]
+
+
+def test_delete_is_soft_keeps_the_row_and_the_id_cannot_come_back(api, settings, run_id):
+    device_id = f"del-{run_id}"
+    _call("POST", api, {"id": device_id, "name": "old", "type": "meter", "tags": ["gone"]})
+    status, _, deleted = _call("DELETE", f"{api}/{device_id}", **{"If-Match": '"1"'})
+    assert status == 200 and deleted["deleted_at"] is not None and deleted["version"] == 2
+
+    assert _call("GET", f"{api}/{device_id}")[0] == 404
+    assert _call("DELETE", f"{api}/{device_id}")[0] == 404
+    assert device_id not in [d["id"] for d in _call("GET", f"{api}?tag=gone&limit=500")[2]["items"]]
+    status, _, problem = _call("POST", api, {"id": device_id, "name": "old", "type": "meter", "tags": ["gone"]})
+    assert status == 409 and problem["fields"] == ["deleted_at"]
+
+    async def row() -> asyncpg.Record:
+        conn = await asyncpg.connect(settings.pg_dsn, timeout=10)
+        try:
+            return await conn.fetchrow("SELECT name, deleted_at FROM devices WHERE id = $1", device_id)
+        finally:
+            await conn.close()
+    kept = asyncio.run(row())
+    assert kept["name"] == "old" and kept["deleted_at"] is not None
+    assert _outbox(settings, device_id) == [("registered", 1), ("deleted", 2)]
