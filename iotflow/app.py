@@ -3,23 +3,29 @@ from __future__ import annotations
 
 import faust
 import mode
+import structlog
 
 from datetime import timedelta
 
 from iotflow import logs, topics
-from iotflow.agents import ingest
+from iotflow.agents import devices as device_agents, ingest
 from iotflow.dedup import DeviceAccount, Mark
 from iotflow.errors import SettingsError
 from iotflow.ingest import IngestPipeline
+from iotflow.measurements import MeasurementReader
+from iotflow.outbox import OutboxRelay
 from iotflow.pg import LazyPool
 from iotflow.registry import DeviceRegistry
-from iotflow.settings import Settings
+from iotflow.settings import DEV_JWT_SECRET, Settings
 from iotflow.sinks.timescale import MeasurementSink
-from iotflow.tables import ingest as ingest_tables
+from iotflow.tables import devices as device_tables, ingest as ingest_tables
 from iotflow.tables.batched import TableBatch
 from iotflow.telemetry import Limits
 from iotflow.transport import Transport
 from iotflow.web import devices, health, ingest as ingest_views, pipeline
+from iotflow.web.auth import Guard
+
+log = structlog.get_logger(__name__)
 
 
 def create_app(settings: Settings) -> faust.App:
@@ -77,21 +83,34 @@ def create_app(settings: Settings) -> faust.App:
         dedup_window_s=settings.dedup_window_s,
     )
     ingest.register(app, settings, ingest_pipeline, sink)
+    guard = Guard(settings)
+    if settings.jwt_secret == DEV_JWT_SECRET:
+        log.warning("jwt_development_secret", detail="IOTFLOW_JWT_SECRET is the development default: "
+                    "anyone can mint tokens; set a secret of your own outside development")
     health.register(app)
-    pipeline.register(app, settings, accounts)
-    ingest_views.register(app, settings)
+    pipeline.register(app, settings, accounts, guard)
+    ingest_views.register(app, settings, guard)
     registry_pool = LazyPool(settings.pg_dsn, size=settings.pg_pool_size,
                              connect_timeout_s=settings.pg_connect_timeout_s,
                              command_timeout_s=settings.pg_command_timeout_s, application_name="iotflow-api")
-    devices.register(app, DeviceRegistry(registry_pool))
-    _close_on_stop(app, registry_pool)
+    registry_table = device_tables.registry(app, settings)
+    relay = OutboxRelay(registry_pool, bootstrap=settings.kafka_bootstrap,
+                        topic=topics.name(settings, topics.DEVICE_EVENTS), batch_size=settings.outbox_batch_size,
+                        request_timeout_s=settings.kafka_request_timeout_s)
+    device_agents.register(app, settings, registry_table, relay)
+    measurements_pool = LazyPool(settings.tsdb_dsn, size=settings.pg_pool_size,
+                                 connect_timeout_s=settings.pg_connect_timeout_s,
+                                 command_timeout_s=settings.pg_command_timeout_s, application_name="iotflow-api")
+    devices.register(app, DeviceRegistry(registry_pool), registry_table, MeasurementReader(measurements_pool), guard)
+    _close_on_stop(app, relay, registry_pool, measurements_pool)
     return app
 
 
-def _close_on_stop(app: faust.App, *pools: LazyPool) -> None:
+def _close_on_stop(app: faust.App, relay: OutboxRelay, *pools: LazyPool) -> None:
     @app.service
-    class ClosePools(mode.Service):
+    class CloseClients(mode.Service):
         async def on_stop(self) -> None:
+            await relay.stop()
             for pool in pools:
                 await pool.close()
 

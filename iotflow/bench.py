@@ -120,7 +120,8 @@ def _floor_rate(bench: Settings, messages: int) -> float:
 
 
 def _received(worker: WorkerProcess) -> int:
-    status, body = http_get_json(f"{worker.url}/api/v1/pipeline/accounting?scope=local", timeout=10)
+    status, body = http_get_json(f"{worker.url}/api/v1/pipeline/accounting?scope=local", timeout=10,
+                                 headers=worker.bearer())
     return int(body["received"]) if status == 200 else 0
 
 

@@ -208,3 +208,17 @@ def bench(messages: int) -> None:
     from iotflow.bench import run
 
     click.echo(json.dumps(run(_settings(), messages), indent=2))
+
+
+@main.command()
+@click.option("--role", type=click.Choice(["viewer", "operator", "admin"]), required=True,
+              help="viewer reads; operator also registers and changes devices; admin also deletes")
+@click.option("--subject", default="local-operator", show_default=True, help="who the token names (sub)")
+@click.option("--ttl", "ttl_s", type=click.IntRange(min=60), default=3600, show_default=True, help="seconds until it expires")
+def token(role: str, subject: str, ttl_s: int) -> None:
+    """Print an API bearer token signed with IOTFLOW_JWT_SECRET (for local use and scripts)."""
+    from iotflow.auth import issue
+
+    settings = _settings()
+    click.echo(issue(settings.jwt_secret, role=role, subject=subject, ttl_s=ttl_s,
+                     issuer=settings.jwt_issuer, audience=settings.jwt_audience))

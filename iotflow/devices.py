@@ -9,13 +9,13 @@ import base64
 import binascii
 import re
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 import msgspec
 
 from iotflow.errors import InvalidRequest
-from iotflow.telemetry import DEVICE_ID
+from iotflow.telemetry import DEVICE_ID, METRIC
 
 TYPE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}")
 TAG = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:=/-]{0,63}")
@@ -225,3 +225,92 @@ def parse_query(params: Any) -> DeviceQuery:
         values["after"] = _decode_cursor(errors, params.get("cursor"))
     errors.raise_any("Invalid device query")
     return DeviceQuery(**values)
+
+
+@dataclass
+class RegistryEntry:
+    """A device as the registry table holds it: its record from the latest event applied.
+
+    ``seq`` is that event's outbox sequence number; an event at or below it was applied before
+    (a republished or replayed event) and changes nothing. ``events`` counts the events applied.
+    """
+
+    device: dict[str, Any]
+    seq: int
+    events: int
+
+    @property
+    def deleted(self) -> bool:
+        return self.device.get("deleted_at") is not None
+
+    def encode(self) -> bytes:
+        return msgspec.json.encode({"device": self.device, "seq": self.seq, "events": self.events})
+
+    @classmethod
+    def decode(cls, raw: bytes) -> RegistryEntry:
+        value = msgspec.json.decode(raw)
+        return cls(value["device"], int(value["seq"]), int(value["events"]))
+
+
+def apply_event(entry: RegistryEntry | None, event: dict[str, Any]) -> RegistryEntry | None:
+    """The entry after ``event`` (a device-events record), or None when the event was applied before."""
+    seq = int(event["seq"])
+    if entry is not None and seq <= entry.seq:
+        return None
+    return RegistryEntry(event["device"], seq, (entry.events if entry else 0) + 1)
+
+
+MAX_BUCKETS = 10_000
+_DURATION = re.compile(r"([1-9][0-9]{0,5})(s|m|h|d)")
+_UNIT_S = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+@dataclass(frozen=True)
+class TelemetryQuery:
+    start: datetime
+    end: datetime
+    bucket_s: int
+    metric: str | None = None
+
+
+def _instant(errors: _Errors, name: str, raw: str) -> datetime | None:
+    try:
+        value = datetime.fromisoformat(raw)
+    except ValueError:
+        errors.add(name, raw, "expected an ISO 8601 time with a UTC offset, e.g. 2026-11-29T08:00:00Z")
+        return None
+    if value.tzinfo is None:
+        errors.add(name, raw, "expected a UTC offset (e.g. Z or +01:00): a time without one is ambiguous")
+        return None
+    return value
+
+
+def parse_telemetry_query(params: Any, now: datetime) -> TelemetryQuery:
+    """``GET /devices/{id}/telemetry`` parameters: ``from``/``to`` (default: the last hour),
+    ``bucket`` as ``<n>s|m|h|d`` (default 1m), ``metric`` (default: every metric)."""
+    errors = _Errors()
+    for name in sorted(set(params.keys()) - {"from", "to", "bucket", "metric"}):
+        errors.add(name, params.get(name), "unknown query parameter")
+    end = _instant(errors, "to", params.get("to")) if "to" in params else now
+    start = _instant(errors, "from", params.get("from")) if "from" in params else None
+    bucket_s = 60
+    if "bucket" in params:
+        match = _DURATION.fullmatch(params.get("bucket"))
+        if match is None:
+            errors.add("bucket", params.get("bucket"), "expected a duration like 10s, 5m, 1h or 1d")
+        else:
+            bucket_s = int(match.group(1)) * _UNIT_S[match.group(2)]
+    metric = params.get("metric")
+    if metric is not None and not METRIC.fullmatch(metric):
+        errors.add("metric", metric, "expected a metric name (letters, digits, _ and .)")
+    if end is not None and start is None and "from" not in params:
+        start = end - timedelta(hours=1)
+    if start is not None and end is not None:
+        if start >= end:
+            errors.add("from", params.get("from"), "must be before `to`")
+        elif (end - start).total_seconds() / bucket_s > MAX_BUCKETS:
+            errors.add("bucket", params.get("bucket", "1m"),
+                       f"too fine for this range: at most {MAX_BUCKETS} buckets per query")
+    errors.raise_any("Invalid telemetry query")
+    assert start is not None and end is not None
+    return TelemetryQuery(start, end, bucket_s, metric)

@@ -6,6 +6,8 @@
     ├── MigrationError         a schema migration is malformed or failed (nothing half-applied)
     ├── InvalidPayload         a message fails validation; it goes to the DLQ, the stream goes on
     ├── InvalidRequest         an API request fails validation (422): every bad field, named
+    ├── Unauthorized           no valid bearer token (401)
+    ├── Forbidden              a valid token whose role does not allow the request (403)
     ├── SinkUnavailable        retriable: the database is down, slow or failing over
     │   └── CircuitOpen        retriable: the breaker refuses calls for retry_after seconds
     ├── SinkRejected           not retriable: the database refused these rows
@@ -86,6 +88,24 @@ class InvalidRequest(IotflowError):
         self.title = title
         self.errors = errors
         super().__init__(f"{title}: " + "; ".join(f"{e['field']}: {e['reason']}" for e in errors))
+
+
+class Unauthorized(IotflowError):
+    """The request carries no valid bearer token; ``reason`` says what is wrong with it."""
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+        super().__init__(reason)
+
+
+class Forbidden(IotflowError):
+    """A valid token whose role does not include the role the request needs."""
+
+    def __init__(self, subject: str, role: str, needed: str) -> None:
+        self.subject = subject
+        self.role = role
+        self.needed = needed
+        super().__init__(f"{subject!r} has role {role!r}; this request needs {needed!r} or above")
 
 
 class RegistryUnavailable(IotflowError):

@@ -39,14 +39,15 @@ async def ensure_topics(settings: Settings, names: tuple[str, ...] = topics.ALL)
     try:
         existing = set(await admin.list_topics())
         created = []
-        for name in (topics.name(settings, topic) for topic in names):
+        for base in names:
+            name = topics.name(settings, base)
             if name in existing:
                 continue
             topic = NewTopic(
                 name,
                 num_partitions=settings.topic_partitions,
                 replication_factor=settings.replication_factor,
-                topic_configs=topics.topic_config(settings),
+                topic_configs=topics.topic_config(settings, base),
             )
             response = await admin.create_topics([topic], timeout_ms=int(settings.kafka_request_timeout_s * 1000))
             # aiokafka returns per-topic error codes instead of raising them.
@@ -73,7 +74,7 @@ async def _wait_visible(admin: AIOKafkaAdminClient, names: list[str], timeout_s:
 
 
 async def drift(settings: Settings, names: tuple[str, ...] = topics.ALL) -> list[Drift]:
-    """How the existing topics differ from the settings: partitions, replicas, min.insync.replicas."""
+    """How the existing topics differ from the settings: partitions, replicas and their configs."""
     admin = await _admin(settings)
     try:
         wanted = [topics.name(settings, topic) for topic in names]
@@ -93,9 +94,10 @@ async def drift(settings: Settings, names: tuple[str, ...] = topics.ALL) -> list
         responses = await admin.describe_configs([ConfigResource(ConfigResourceType.TOPIC, n) for n in present])
         for response in responses:
             for resource in response.to_object()["resources"]:
+                wanted_config = topics.topic_config(settings, resource["resource_name"][len(settings.topic_prefix):])
                 for entry in resource["config_entries"]:
-                    if entry["config_names"] in topics.topic_config(settings):
-                        expected = topics.topic_config(settings)[entry["config_names"]]
+                    if entry["config_names"] in wanted_config:
+                        expected = wanted_config[entry["config_names"]]
                         if entry["config_value"] != expected:
                             found.append(Drift(resource["resource_name"], entry["config_names"], expected,
                                                str(entry["config_value"])))

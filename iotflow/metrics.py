@@ -19,3 +19,9 @@ SINK_BATCH_SECONDS = Histogram(
     "Time to make one batch durable (DLQ confirmations + COPY + commit), retries included.",
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
 )
+OUTBOX_PUBLISHED = Counter("iotflow_outbox_published_total", "Device events the outbox relay published to device-events.")
+DEVICE_EVENTS = Counter(
+    "iotflow_device_events_total",
+    "Device events the registry agent read, by outcome (applied; duplicate: applied before, by seq; unreadable).",
+    ["outcome"],
+)

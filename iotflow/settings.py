@@ -120,8 +120,17 @@ def _path(name: str, raw: str) -> Path:
     return Path(_non_empty(name, raw))
 
 
-def _setting(default: Any, parse: Callable[[str, str], Any], doc: str) -> Any:
-    return field(default=default, metadata={"parse": parse, "doc": doc})
+DEV_JWT_SECRET = "iotflow-development-secret-not-for-production"
+
+
+def _secret(name: str, raw: str) -> str:
+    if len(raw) < 32:
+        raise SettingsError(name, "<hidden>", "a secret of at least 32 characters")
+    return raw
+
+
+def _setting(default: Any, parse: Callable[[str, str], Any], doc: str, *, secret: bool = False) -> Any:
+    return field(default=default, metadata={"parse": parse, "doc": doc}, repr=not secret)
 
 
 @dataclass(frozen=True)
@@ -169,6 +178,11 @@ class Settings:
     bridge_device_rate_per_s: float = _setting(50.0, _positive_number("messages per second"), "messages/s a device may send before the bridge delays it")
     bridge_device_burst: int = _setting(100, _positive_int, "messages a device may burst above its rate")
     loss_threshold: float = _setting(0.001, _ratio, "share of messages missing (seq gaps) that marks the pipeline unhealthy")
+    outbox_batch_size: int = _setting(500, _positive_int, "device events the outbox relay publishes per round")
+    outbox_interval_s: float = _setting(0.2, _positive_seconds, "pause between the outbox relay's rounds (leader worker)")
+    jwt_secret: str = _setting(DEV_JWT_SECRET, _secret, "HS256 key of the API's bearer tokens (32+ characters; set it outside development)", secret=True)
+    jwt_issuer: str = _setting("iotflow", _non_empty, "issuer (iss) the API's tokens must name")
+    jwt_audience: str = _setting("iotflow-api", _non_empty, "audience (aud) the API's tokens must name")
     stack_dir: Path = _setting(Path(".stack"), _path, "folder of the local stack's data and logs (iotflow stack)")
     log_level: str = _setting("info", _choice(*_LOG_LEVELS), "log level")
     kafka_request_timeout_s: float = _setting(30.0, _positive_seconds, "Kafka request timeout")

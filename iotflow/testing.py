@@ -23,7 +23,7 @@ from typing import Any
 import asyncpg
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
-from iotflow import topics
+from iotflow import auth, topics
 from iotflow.settings import Settings
 
 READY_LINE = "Worker ready"
@@ -72,10 +72,17 @@ def http_json(method: str, url: str, body: Any = None, *, headers: Mapping[str, 
         return status, answer, None
 
 
-def http_get_json(url: str, *, timeout: float = 5.0) -> tuple[int, Any]:
+def http_get_json(url: str, *, timeout: float = 5.0, headers: Mapping[str, str] | None = None) -> tuple[int, Any]:
     """GET ``url``; return the status and the decoded JSON body (None when not JSON)."""
-    status, _, body = http_json("GET", url, timeout=timeout)
+    status, _, body = http_json("GET", url, timeout=timeout, headers=headers)
     return status, body
+
+
+def bearer(settings: Settings, role: str = "viewer", subject: str = "iotflow-testing") -> dict[str, str]:
+    """An ``Authorization`` header with a short-lived token that workers of ``settings`` accept."""
+    token = auth.issue(settings.jwt_secret, role=role, subject=subject, ttl_s=3600,
+                       issuer=settings.jwt_issuer, audience=settings.jwt_audience)
+    return {"Authorization": f"Bearer {token}"}
 
 
 class WorkerProcess:
@@ -94,6 +101,10 @@ class WorkerProcess:
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.web_port}"
+
+    def bearer(self, role: str = "viewer") -> dict[str, str]:
+        """An ``Authorization`` header this worker accepts (its own settings' secret)."""
+        return bearer(Settings.from_env(self.env), role)
 
     def start(self) -> WorkerProcess:
         faust = Path(sys.executable).with_name("faust")

@@ -22,9 +22,17 @@ def name(settings: Settings, topic: str) -> str:
     return settings.topic_prefix + topic
 
 
-def topic_config(settings: Settings) -> dict[str, str]:
-    """Broker-side configuration every iotflow topic is created with."""
-    return {"min.insync.replicas": str(settings.min_insync_replicas)}
+# device-events carries each device's whole record in every event: compaction keeps the latest
+# per device for ever, so a new consumer group can rebuild the registry from the topic alone.
+_COMPACTED = (DEVICE_EVENTS,)
+
+
+def topic_config(settings: Settings, topic: str) -> dict[str, str]:
+    """Broker-side configuration the iotflow topic ``topic`` (unprefixed) is created with."""
+    config = {"min.insync.replicas": str(settings.min_insync_replicas)}
+    if topic in _COMPACTED:
+        config["cleanup.policy"] = "compact"
+    return config
 
 
 def _raw_topic(app: faust.App, settings: Settings, topic: str) -> faust.TopicT:
@@ -36,7 +44,7 @@ def _raw_topic(app: faust.App, settings: Settings, topic: str) -> faust.TopicT:
         value_serializer="raw",
         partitions=settings.topic_partitions,
         replicas=settings.replication_factor,
-        config=topic_config(settings),
+        config=topic_config(settings, topic),
     )
 
 
@@ -48,3 +56,8 @@ def sensor_data(app: faust.App, settings: Settings) -> faust.TopicT:
 def sensor_data_dlq(app: faust.App, settings: Settings) -> faust.TopicT:
     """Messages the ingest agent could not store: original key and bytes, the reason in headers."""
     return _raw_topic(app, settings, SENSOR_DATA_DLQ)
+
+
+def device_events(app: faust.App, settings: Settings) -> faust.TopicT:
+    """Device lifecycle events from the outbox relay, keyed by device id (compacted)."""
+    return _raw_topic(app, settings, DEVICE_EVENTS)

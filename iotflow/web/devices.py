@@ -1,20 +1,37 @@
 """``/api/v1/devices``: register, list, read, change and (softly) delete devices.
 
-Answers are JSON with ``X-Request-ID``; a device carries its version as ``ETag``, and a change or a
-delete may name it in ``If-Match`` (a stale one gets 412). Errors are problem+json: 422 names
+``GET /api/v1/devices/{id}/telemetry`` answers time-bucketed aggregates from the measurements
+table; ``GET /api/v1/devices/{id}/state`` answers from the registry table (built from
+``device-events``) on whichever worker owns the device's partition. Reading needs a bearer token
+with role viewer, registering and changing operator, deleting admin (iotflow/auth.py).
+
+Answers are JSON with ``X-Request-ID``; a device carries its version as ``ETag``, and a change or
+a delete may name it in ``If-Match`` (a stale one gets 412). Errors are problem+json: 422 names
 every bad field and value, 404 an unknown or deleted device, 409 a registration that contradicts
 the device on record, 503 (with ``Retry-After``) a registry database that is not answering.
 """
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
 
 import faust
 from faust.web import Request, Response, View
 
-from iotflow.devices import Device, parse_change, parse_if_match, parse_query, parse_registration
+from iotflow.devices import (
+    Device,
+    RegistryEntry,
+    parse_change,
+    parse_if_match,
+    parse_query,
+    parse_registration,
+    parse_telemetry_query,
+)
 from iotflow.errors import DeviceConflict, DeviceNotFound, InvalidRequest, RegistryUnavailable, VersionMismatch
+from iotflow.measurements import MeasurementReader
+from iotflow.pg import is_transient
 from iotflow.registry import DeviceRegistry
+from iotflow.web.auth import Guard
 from iotflow.web.problems import HEADER, problem, request_id
 
 PREFIX = "/api/v1/devices"
@@ -46,9 +63,11 @@ async def _answer(view: View, request: Request, work: Callable[[], Awaitable[Res
         return response
 
 
-def register(app: faust.App, registry: DeviceRegistry) -> None:
+def register(app: faust.App, registry: DeviceRegistry, table: faust.Table, reader: MeasurementReader,
+             guard: Guard) -> None:
     @app.page(PREFIX)
     class Devices(View):
+        @guard.requires("operator")
         async def post(self, request: Request) -> Response:
             async def work() -> Response:
                 registration = parse_registration(await self.read_request_content(request))
@@ -58,6 +77,7 @@ def register(app: faust.App, registry: DeviceRegistry) -> None:
                 return _device_response(self, request, device)
             return await _answer(self, request, work)
 
+        @guard.requires("viewer")
         async def get(self, request: Request) -> Response:
             async def work() -> Response:
                 devices, cursor = await registry.list(parse_query(request.query))
@@ -67,11 +87,13 @@ def register(app: faust.App, registry: DeviceRegistry) -> None:
 
     @app.page(PREFIX + "/{device_id}")
     class OneDevice(View):
+        @guard.requires("viewer")
         async def get(self, request: Request, device_id: str) -> Response:
             async def work() -> Response:
                 return _device_response(self, request, await registry.get(device_id))
             return await _answer(self, request, work)
 
+        @guard.requires("operator")
         async def patch(self, request: Request, device_id: str) -> Response:
             async def work() -> Response:
                 change = parse_change(await self.read_request_content(request))
@@ -79,8 +101,42 @@ def register(app: faust.App, registry: DeviceRegistry) -> None:
                 return _device_response(self, request, await registry.update(device_id, change, version))
             return await _answer(self, request, work)
 
+        @guard.requires("admin")
         async def delete(self, request: Request, device_id: str) -> Response:
             async def work() -> Response:
                 version = parse_if_match(request.headers.get("If-Match"))
                 return _device_response(self, request, await registry.delete(device_id, version))
             return await _answer(self, request, work)
+
+    @app.page(PREFIX + "/{device_id}/telemetry")
+    @guard.requires("viewer")
+    async def telemetry(self: View, request: Request, device_id: str) -> Response:
+        """Time-bucketed count/min/max/avg per metric of a registered device's measurements."""
+        async def work() -> Response:
+            query = parse_telemetry_query(request.query, datetime.now(UTC))
+            await registry.get(device_id)  # 404 for an unknown or deleted device
+            try:
+                buckets = await reader.buckets(device_id, query)
+            except Exception as exc:
+                if is_transient(exc):
+                    raise RegistryUnavailable(f"the measurements database is not answering: {exc}") from exc
+                raise
+            body = {"device_id": device_id, "from": query.start.isoformat(), "to": query.end.isoformat(),
+                    "bucket_s": query.bucket_s, "metric": query.metric, "buckets": buckets}
+            return self.json(body, headers={HEADER: request_id(request)})
+        return await _answer(self, request, work)
+
+    @app.page(PREFIX + "/{device_id}/state")
+    @guard.requires("viewer")
+    @app.table_route(table=table, match_info="device_id")
+    async def state(self: View, request: Request, device_id: str) -> Response:
+        """The device as this worker's registry table holds it (answered by the partition's owner)."""
+        raw = table.get(device_id.encode())
+        if raw is None:
+            return problem(self, request, 404, "No such device in the registry",
+                           f"no device-events applied for {device_id!r} (yet)", device_id=device_id)
+        entry = RegistryEntry.decode(raw)
+        body = {"device_id": device_id, "deleted": entry.deleted, "version": entry.device.get("version"),
+                "status": entry.device.get("status"), "firmware_version": entry.device.get("firmware_version"),
+                "events_applied": entry.events, "last_event_seq": entry.seq}
+        return self.json(body, headers={HEADER: request_id(request)})

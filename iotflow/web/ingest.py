@@ -19,18 +19,20 @@ from iotflow import topics
 from iotflow.errors import InvalidPayload
 from iotflow.settings import Settings
 from iotflow.telemetry import Limits, parse
+from iotflow.web.auth import Guard
 from iotflow.web.problems import HEADER, problem, request_id
 
 MAX_ITEMS = 1000
 
 
-def register(app: faust.App, settings: Settings) -> None:
+def register(app: faust.App, settings: Settings, guard: Guard) -> None:
     sensor_data = topics.sensor_data(app, settings)
     limits = Limits(max_clock_skew=timedelta(seconds=settings.max_clock_skew_s),
                     retention=timedelta(days=settings.retention_days))
 
     @app.page("/api/v1/ingest")
     class Ingest(View):
+        @guard.requires("operator")
         async def post(self, request: Request) -> Response:
             body = await self.read_request_content(request)
             try:

@@ -12,56 +12,64 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from iotflow.dedup import DeviceAccount
 from iotflow.settings import Settings
+from iotflow.web.auth import Guard
 
 _COUNTERS = ("received", "accepted", "duplicates", "invalid", "gaps")
 
 
-def register(app: faust.App, settings: Settings, accounts: faust.Table) -> None:
-    async def stored_messages(device_id: str | None) -> int:
+def register(app: faust.App, settings: Settings, accounts: faust.Table, guard: Guard) -> None:
+    async def stored_messages(device_ids: list[str]) -> int:
+        """Distinct messages of these devices in the database (each device's primary-key range only)."""
+        if not device_ids:
+            return 0
         conn = await asyncpg.connect(settings.tsdb_dsn, timeout=settings.pg_connect_timeout_s)
         try:
-            query = "SELECT count(*) FROM (SELECT DISTINCT device_id, msg_id FROM sensor_measurements{}) s"
-            if device_id is None:
-                return int(await conn.fetchval(query.format(""), timeout=settings.pg_command_timeout_s))
-            return int(await conn.fetchval(query.format(" WHERE device_id = $1"), device_id,
-                                           timeout=settings.pg_command_timeout_s))
+            return int(await conn.fetchval(
+                "SELECT count(*) FROM (SELECT DISTINCT device_id, msg_id FROM sensor_measurements "
+                "WHERE device_id = ANY($1::text[])) s", device_ids, timeout=settings.pg_command_timeout_s))
         finally:
             await conn.close()
 
-    def local_totals() -> dict[str, int]:
+    async def local_totals() -> dict[str, int]:
+        """This worker's devices (the accounts of its partitions), with their stored messages."""
         totals = dict.fromkeys(_COUNTERS, 0)
-        totals["devices"] = 0
-        for _, value in accounts.items():
+        devices = []
+        for key, value in accounts.items():
             account = DeviceAccount.decode(value)
-            totals["devices"] += 1
+            devices.append(key.decode())
             for name in _COUNTERS:
                 totals[name] += getattr(account, name)
+        totals["devices"] = len(devices)
+        totals["stored"] = await stored_messages(devices)
         return totals
 
     @app.page("/api/v1/pipeline/accounting/devices/{device_id}")
+    @guard.requires("viewer")
     @app.table_route(table=accounts, match_info="device_id")
     async def device_accounting(self: View, request: Request, device_id: str) -> Response:
         account = DeviceAccount.decode(accounts.get(device_id.encode()))
         body = {name: getattr(account, name) for name in _COUNTERS}
         body.update(device_id=device_id, min_seq=account.min_seq, max_seq=account.max_seq,
-                    stored=await stored_messages(device_id))
+                    stored=await stored_messages([device_id]))
         return self.json(body)
 
     @app.page("/api/v1/pipeline/accounting")
+    @guard.requires("viewer")
     async def fleet_accounting(self: View, request: Request) -> Response:
         if request.query.get("scope") == "local":
-            return self.json(local_totals())
-        # Every worker holds the accounts of its own partitions: ask each and add them up.
+            return self.json(await local_totals())
+        # Every worker holds the accounts of its own partitions: ask each (as the caller) and add them up.
         hosts = sorted({str(url) for url in app.router.tables_metadata()} | {str(app.conf.canonical_url)})
         timeout = aiohttp.ClientTimeout(total=5)
-        async with aiohttp.ClientSession(timeout=timeout) as session:
+        caller = {"Authorization": request.headers.get("Authorization", "")}
+        async with aiohttp.ClientSession(timeout=timeout, headers=caller) as session:
             async def fetch(host: str) -> dict[str, int]:
                 async with session.get(f"{host.rstrip('/')}/api/v1/pipeline/accounting?scope=local") as resp:
                     resp.raise_for_status()
                     return await resp.json()
 
             answers = await asyncio.gather(*(fetch(h) for h in hosts), return_exceptions=True)
-        totals = dict.fromkeys((*_COUNTERS, "devices"), 0)
+        totals = dict.fromkeys((*_COUNTERS, "devices", "stored"), 0)
         missing = []
         for host, answer in zip(hosts, answers):
             if isinstance(answer, BaseException):
@@ -69,7 +77,6 @@ def register(app: faust.App, settings: Settings, accounts: faust.Table) -> None:
                 continue
             for name in totals:
                 totals[name] += int(answer.get(name, 0))
-        totals["stored"] = await stored_messages(None)
         sent = totals["accepted"] + totals["gaps"]
         loss = totals["gaps"] / sent if sent else 0.0
         return self.json({

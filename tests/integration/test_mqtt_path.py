@@ -64,7 +64,7 @@ def test_fifty_devices_with_duplicates_and_malformed_store_exactly_the_unique_va
         assert totals["malformed"] <= len(dead) <= totals["malformed"] + totals["sent"] // 100
         assert all(dict(m.headers)["iotflow-reason"] for m in dead)
 
-        status, fleet = http_get_json(f"{worker.url}/api/v1/pipeline/accounting")
+        status, fleet = http_get_json(f"{worker.url}/api/v1/pipeline/accounting", headers=worker.bearer())
         assert status == 200
         assert fleet["accepted"] == totals["sent"]
         assert fleet["duplicates"] >= totals["duplicates"]

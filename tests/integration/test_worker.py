@@ -25,7 +25,8 @@ from iotflow.testing import (
 def accounts_via(worker: WorkerProcess, devices: list[str]) -> dict[str, dict]:
     accounts = {}
     for device_id in devices:
-        status, body = http_get_json(f"{worker.url}/api/v1/pipeline/accounting/devices/{device_id}")
+        status, body = http_get_json(f"{worker.url}/api/v1/pipeline/accounting/devices/{device_id}",
+                                     headers=worker.bearer())
         assert status == 200, body
         accounts[device_id] = body
     return accounts
@@ -131,7 +132,7 @@ def test_two_workers_split_the_partitions_and_answer_for_each_other(settings, st
     # Each device lives on one worker; @app.table_route forwards the request to its owner.
     assert received(wait_until_received(one, expected)) == expected
     assert received(accounts_via(two, devices)) == expected
-    status, fleet = http_get_json(f"{two.url}/api/v1/pipeline/accounting")
+    status, fleet = http_get_json(f"{two.url}/api/v1/pipeline/accounting", headers=two.bearer())
     assert status == 200
     assert len(fleet["workers"]) == 2 and fleet["workers_unreachable"] == []
     assert fleet["received"] == fleet["accepted"] == 10 * len(devices)
@@ -161,15 +162,15 @@ def test_a_bad_setting_stops_the_worker_with_one_line_naming_it(tmp_path: Path):
     assert lines == ["iotflow: expected a TCP port number (1-65535) for IOTFLOW_WEB_PORT (got 'abc')"]
 
 
-def post_json(url: str, body: bytes) -> tuple[int, dict, dict]:
-    return http_json("POST", url, body, timeout=30)
+def post_json(worker: WorkerProcess, path: str, body: bytes) -> tuple[int, dict, dict]:
+    return http_json("POST", worker.url + path, body, timeout=30, headers=worker.bearer("operator"))
 
 
 def test_http_ingest_accepts_a_valid_batch_only_after_kafka_has_it(settings, start_worker, devices, run_id):
     worker = start_worker()
     worker.wait_ready()
     items = [telemetry(d, seq) for d in devices[:5] for seq in range(10)]
-    status, headers, body = post_json(f"{worker.url}/api/v1/ingest", b"[" + b",".join(items) + b"]")
+    status, headers, body = post_json(worker, "/api/v1/ingest", b"[" + b",".join(items) + b"]")
     assert (status, body) == (202, {"accepted": 50})
     assert headers.get("X-Request-ID")
     accounts = wait_until_stored(worker, {d: 10 for d in devices[:5]})
@@ -180,14 +181,14 @@ def test_http_ingest_rejects_a_batch_with_any_invalid_item_and_names_each(settin
     worker = start_worker()
     worker.wait_ready()
     good = telemetry(devices[0], 0)
-    status, headers, body = post_json(f"{worker.url}/api/v1/ingest", b"[" + good + b', {"device_id": 1}, "x"]')
+    status, headers, body = post_json(worker, "/api/v1/ingest", b"[" + good + b', {"device_id": 1}, "x"]')
     assert status == 422
     assert headers["Content-Type"].startswith("application/problem+json")
     assert [(e["index"], e["field"]) for e in body["errors"]] == [(1, "device_id"), (2, "payload")]
     assert body["request_id"]
     time.sleep(2)  # nothing may arrive: give a wrongly sent message time to show up
     assert accounts_via(worker, [devices[0]])[devices[0]]["received"] == 0
-    status, _, body = post_json(f"{worker.url}/api/v1/ingest", b"{not an array")
+    status, _, body = post_json(worker, "/api/v1/ingest", b"{not an array")
     assert status == 400 and body["title"] == "Body is not a JSON array"
 
 

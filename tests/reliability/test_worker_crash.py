@@ -62,7 +62,7 @@ def test_three_kill_9s_during_a_run_lose_nothing_and_store_nothing_twice(setting
 
 
 def _fleet(worker) -> dict:
-    status, body = http_get_json(f"{worker.url}/api/v1/pipeline/accounting")
+    status, body = http_get_json(f"{worker.url}/api/v1/pipeline/accounting", headers=worker.bearer())
     assert status == 200, body
     return body
 

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import json
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 import pytest
 from multidict import MultiDict
@@ -11,11 +11,14 @@ from iotflow.devices import (
     MAX_PAGE,
     Device,
     Registration,
+    RegistryEntry,
+    apply_event,
     encode_cursor,
     parse_change,
     parse_if_match,
     parse_query,
     parse_registration,
+    parse_telemetry_query,
 )
 from iotflow.errors import InvalidRequest
 
@@ -78,3 +81,42 @@ def test_a_device_says_which_fields_a_registration_contradicts():
     assert device.differs_from(Registration("d", "n", "t", ("a",), "1.0")) == []
     assert device.differs_from(Registration("d", "other", "t", (), "1.0")) == ["name", "tags"]
     assert device.etag == '"4"' and device.to_json()["created_at"] == "2026-01-01T00:00:00+00:00"
+
+
+def test_registry_entries_apply_each_event_once_in_seq_order():
+    registered = {"seq": 5, "device": {"id": "d", "version": 1, "deleted_at": None}}
+    updated = {"seq": 9, "device": {"id": "d", "version": 2, "deleted_at": None}}
+    entry = apply_event(None, registered)
+    assert (entry.seq, entry.events, entry.device["version"]) == (5, 1, 1)
+    entry = apply_event(entry, updated)
+    assert (entry.seq, entry.events, entry.device["version"]) == (9, 2, 2)
+    assert apply_event(entry, updated) is None  # republished by the relay, or replayed
+    assert apply_event(entry, registered) is None  # older than what the entry holds
+    assert RegistryEntry.decode(entry.encode()) == entry and not entry.deleted
+    deleted = apply_event(entry, {"seq": 12, "device": {"id": "d", "version": 3, "deleted_at": "2026-01-01T00:00:00"}})
+    assert deleted.deleted and deleted.events == 3
+
+
+NOW = datetime(2026, 11, 29, 8, 0, tzinfo=UTC)
+
+
+def test_a_telemetry_query_defaults_to_the_last_hour_by_minute():
+    query = parse_telemetry_query(MultiDict(), NOW)
+    assert (query.start, query.end, query.bucket_s, query.metric) == (NOW - timedelta(hours=1), NOW, 60, None)
+    query = parse_telemetry_query(MultiDict([("from", "2026-11-28T00:00:00Z"), ("to", "2026-11-29T00:00:00+00:00"),
+                                             ("bucket", "1h"), ("metric", "temp")]), NOW)
+    assert (query.bucket_s, query.metric, (query.end - query.start).days) == (3600, "temp", 1)
+
+
+def test_a_bad_telemetry_query_names_each_parameter():
+    errors = _errors(parse_telemetry_query, MultiDict([("from", "yesterday"), ("to", "2026-11-29T00:00:00"),
+                                                       ("bucket", "5w"), ("metric", "no spaces"), ("x", "1")]), NOW)
+    assert set(errors) == {"from", "to", "bucket", "metric", "x"}
+    assert "UTC offset" in errors["to"]
+
+
+def test_a_telemetry_query_is_bounded_in_buckets_and_ordered():
+    errors = _errors(parse_telemetry_query, MultiDict([("from", "2026-01-01T00:00:00Z"), ("bucket", "1s")]), NOW)
+    assert "at most 10000 buckets" in errors["bucket"]
+    errors = _errors(parse_telemetry_query, MultiDict([("from", "2026-11-29T09:00:00Z")]), NOW)
+    assert errors["from"] == "must be before `to`"
