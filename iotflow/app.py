@@ -9,6 +9,7 @@ from datetime import timedelta
 
 from iotflow import logs, topics
 from iotflow.agents import devices as device_agents, ingest
+from iotflow.cache import DeviceCache, client_for
 from iotflow.dedup import DeviceAccount, Mark
 from iotflow.errors import SettingsError
 from iotflow.ingest import IngestPipeline
@@ -97,20 +98,24 @@ def create_app(settings: Settings) -> faust.App:
     relay = OutboxRelay(registry_pool, bootstrap=settings.kafka_bootstrap,
                         topic=topics.name(settings, topics.DEVICE_EVENTS), batch_size=settings.outbox_batch_size,
                         request_timeout_s=settings.kafka_request_timeout_s)
-    device_agents.register(app, settings, registry_table, relay)
+    cache = DeviceCache(client_for(settings.redis_url, timeout_s=settings.redis_timeout_s),
+                        timeout_s=settings.redis_timeout_s, ttl_s=settings.cache_ttl_s)
+    device_agents.register(app, settings, registry_table, relay, cache)
     measurements_pool = LazyPool(settings.tsdb_dsn, size=settings.pg_pool_size,
                                  connect_timeout_s=settings.pg_connect_timeout_s,
                                  command_timeout_s=settings.pg_command_timeout_s, application_name="iotflow-api")
-    devices.register(app, DeviceRegistry(registry_pool), registry_table, MeasurementReader(measurements_pool), guard)
-    _close_on_stop(app, relay, registry_pool, measurements_pool)
+    devices.register(app, DeviceRegistry(registry_pool), cache, registry_table, MeasurementReader(measurements_pool),
+                     guard)
+    _close_on_stop(app, relay, cache, registry_pool, measurements_pool)
     return app
 
 
-def _close_on_stop(app: faust.App, relay: OutboxRelay, *pools: LazyPool) -> None:
+def _close_on_stop(app: faust.App, relay: OutboxRelay, cache: DeviceCache, *pools: LazyPool) -> None:
     @app.service
     class CloseClients(mode.Service):
         async def on_stop(self) -> None:
             await relay.stop()
+            await cache.close()
             for pool in pools:
                 await pool.close()
 

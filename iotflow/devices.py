@@ -85,6 +85,17 @@ class Device:
             "deleted_at": self.deleted_at.isoformat() if self.deleted_at else None,
         }
 
+    @classmethod
+    def from_json(cls, value: dict[str, Any]) -> Device:
+        """The inverse of :meth:`to_json` (a cached record back into a device)."""
+        def instant(raw: str | None) -> datetime | None:
+            return datetime.fromisoformat(raw) if raw else None
+
+        return cls(value["id"], value["name"], value["type"], tuple(value["tags"]), value["firmware_version"],
+                   value["status"], datetime.fromisoformat(value["created_at"]),
+                   datetime.fromisoformat(value["updated_at"]), instant(value["last_seen"]), value["version"],
+                   instant(value["deleted_at"]))
+
     def differs_from(self, registration: Registration) -> list[str]:
         """The registration's fields whose values this device does not have."""
         return [name for name in _REGISTRATION_FIELDS[1:] if getattr(self, name) != getattr(registration, name)]

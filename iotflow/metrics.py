@@ -25,3 +25,9 @@ DEVICE_EVENTS = Counter(
     "Device events the registry agent read, by outcome (applied; duplicate: applied before, by seq; unreadable).",
     ["outcome"],
 )
+CACHE = Counter(
+    "iotflow_cache_requests_total",
+    "Device cache requests by result (hit, miss, error: Redis failed or timed out, skipped: breaker open).",
+    ["result"],
+)
+CIRCUIT_OPEN = Gauge("iotflow_circuit_open", "1 while a dependency's circuit breaker is open or half-open.", ["dependency"])

@@ -190,6 +190,7 @@ class Settings:
     pg_connect_timeout_s: float = _setting(3.0, _positive_seconds, "PostgreSQL connect timeout")
     pg_command_timeout_s: float = _setting(10.0, _positive_seconds, "PostgreSQL statement timeout")
     redis_timeout_s: float = _setting(0.5, _positive_seconds, "Redis connect and command timeout")
+    cache_ttl_s: int = _setting(60, _positive_int, "seconds a cached device record lives in Redis")
     mqtt_keepalive_s: float = _setting(30.0, _positive_seconds, "MQTT keepalive interval")
 
     def __post_init__(self) -> None:

@@ -13,6 +13,7 @@ import structlog
 from aiokafka.errors import KafkaError
 
 from iotflow import metrics, topics
+from iotflow.cache import DeviceCache
 from iotflow.devices import RegistryEntry, apply_event
 from iotflow.outbox import OutboxRelay
 from iotflow.settings import Settings
@@ -20,7 +21,7 @@ from iotflow.settings import Settings
 log = structlog.get_logger(__name__)
 
 
-def register(app: faust.App, settings: Settings, registry: faust.Table, relay: OutboxRelay) -> None:
+def register(app: faust.App, settings: Settings, registry: faust.Table, relay: OutboxRelay, cache: DeviceCache) -> None:
     @app.agent(topics.device_events(app, settings), name="iotflow.devices")
     async def devices(stream: faust.StreamT) -> None:
         async for event in stream.events():
@@ -38,6 +39,8 @@ def register(app: faust.App, settings: Settings, registry: faust.Table, relay: O
                 continue
             registry[key] = entry.encode()
             metrics.DEVICE_EVENTS.labels("applied").inc()
+            # Changes made through any worker (or any other writer of the outbox) reach the cache here.
+            await cache.invalidate(key.decode(), int(entry.device["version"]))
 
     @app.timer(settings.outbox_interval_s, name="iotflow.outbox.relay", on_leader=True)
     async def relay_outbox() -> None:

@@ -3,7 +3,8 @@
 ``GET /api/v1/devices/{id}/telemetry`` answers time-bucketed aggregates from the measurements
 table; ``GET /api/v1/devices/{id}/state`` answers from the registry table (built from
 ``device-events``) on whichever worker owns the device's partition. Reading needs a bearer token
-with role viewer, registering and changing operator, deleting admin (iotflow/auth.py).
+with role viewer, registering and changing operator, deleting admin (iotflow/auth.py). Reads of
+one device go through the Redis cache (iotflow/cache.py) and never depend on it.
 
 Answers are JSON with ``X-Request-ID``; a device carries its version as ``ETag``, and a change or
 a delete may name it in ``If-Match`` (a stale one gets 412). Errors are problem+json: 422 names
@@ -18,6 +19,7 @@ from datetime import UTC, datetime
 import faust
 from faust.web import Request, Response, View
 
+from iotflow.cache import DeviceCache
 from iotflow.devices import (
     Device,
     RegistryEntry,
@@ -63,8 +65,21 @@ async def _answer(view: View, request: Request, work: Callable[[], Awaitable[Res
         return response
 
 
-def register(app: faust.App, registry: DeviceRegistry, table: faust.Table, reader: MeasurementReader,
-             guard: Guard) -> None:
+def register(app: faust.App, registry: DeviceRegistry, cache: DeviceCache, table: faust.Table,
+             reader: MeasurementReader, guard: Guard) -> None:
+    async def read(device_id: str) -> Device:
+        """Cache-aside: Redis first, PostgreSQL on a miss (or when Redis is away), then fill."""
+        cached = await cache.get(device_id)
+        if cached is not None:
+            return Device.from_json(cached)
+        device = await registry.get(device_id)
+        await cache.fill(device.to_json())
+        return device
+
+    async def changed(device: Device) -> Device:
+        await cache.invalidate(device.id, device.version)
+        return device
+
     @app.page(PREFIX)
     class Devices(View):
         @guard.requires("operator")
@@ -90,7 +105,7 @@ def register(app: faust.App, registry: DeviceRegistry, table: faust.Table, reade
         @guard.requires("viewer")
         async def get(self, request: Request, device_id: str) -> Response:
             async def work() -> Response:
-                return _device_response(self, request, await registry.get(device_id))
+                return _device_response(self, request, await read(device_id))
             return await _answer(self, request, work)
 
         @guard.requires("operator")
@@ -98,14 +113,14 @@ def register(app: faust.App, registry: DeviceRegistry, table: faust.Table, reade
             async def work() -> Response:
                 change = parse_change(await self.read_request_content(request))
                 version = parse_if_match(request.headers.get("If-Match"))
-                return _device_response(self, request, await registry.update(device_id, change, version))
+                return _device_response(self, request, await changed(await registry.update(device_id, change, version)))
             return await _answer(self, request, work)
 
         @guard.requires("admin")
         async def delete(self, request: Request, device_id: str) -> Response:
             async def work() -> Response:
                 version = parse_if_match(request.headers.get("If-Match"))
-                return _device_response(self, request, await registry.delete(device_id, version))
+                return _device_response(self, request, await changed(await registry.delete(device_id, version)))
             return await _answer(self, request, work)
 
     @app.page(PREFIX + "/{device_id}/telemetry")
@@ -114,7 +129,7 @@ def register(app: faust.App, registry: DeviceRegistry, table: faust.Table, reade
         """Time-bucketed count/min/max/avg per metric of a registered device's measurements."""
         async def work() -> Response:
             query = parse_telemetry_query(request.query, datetime.now(UTC))
-            await registry.get(device_id)  # 404 for an unknown or deleted device
+            await read(device_id)  # 404 for an unknown or deleted device
             try:
                 buckets = await reader.buckets(device_id, query)
             except Exception as exc:
