@@ -100,12 +100,15 @@ def create_app(settings: Settings) -> faust.App:
                         request_timeout_s=settings.kafka_request_timeout_s)
     cache = DeviceCache(client_for(settings.redis_url, timeout_s=settings.redis_timeout_s),
                         timeout_s=settings.redis_timeout_s, ttl_s=settings.cache_ttl_s)
-    device_agents.register(app, settings, registry_table, relay, cache)
+    registry = DeviceRegistry(registry_pool)
+    presence_table = device_tables.presence(app, settings)
+    device_agents.register(app, settings, registry_table=registry_table, presence=presence_table,
+                           registry=registry, relay=relay, cache=cache)
     measurements_pool = LazyPool(settings.tsdb_dsn, size=settings.pg_pool_size,
                                  connect_timeout_s=settings.pg_connect_timeout_s,
                                  command_timeout_s=settings.pg_command_timeout_s, application_name="iotflow-api")
-    devices.register(app, DeviceRegistry(registry_pool), cache, registry_table, MeasurementReader(measurements_pool),
-                     guard)
+    devices.register(app, settings, registry, cache, registry_table, presence_table,
+                     MeasurementReader(measurements_pool), guard)
     _close_on_stop(app, relay, cache, registry_pool, measurements_pool)
     return app
 

@@ -207,7 +207,8 @@ class Bridge:
             assert producer is not None
             try:
                 await asyncio.wait_for(
-                    producer.send_and_wait(kafka_topic, message.payload, key=target.device_id.encode()),
+                    producer.send_and_wait(kafka_topic, message.payload, key=target.device_id.encode(),
+                                           headers=[(topics.KIND_HEADER, target.kind.encode())]),
                     self.settings.kafka_request_timeout_s,
                 )
                 self._consecutive_failures = 0

@@ -325,3 +325,17 @@ def parse_telemetry_query(params: Any, now: datetime) -> TelemetryQuery:
     errors.raise_any("Invalid telemetry query")
     assert start is not None and end is not None
     return TelemetryQuery(start, end, bucket_s, metric)
+
+
+def heartbeat_seen_ms(key: bytes, value: bytes, kafka_timestamp_ms: int) -> int:
+    """When a heartbeat says the device was seen: the time Kafka took it (the bridge's clock, not the
+    device's, which may be wrong); the payload must name the key's device."""
+    try:
+        body = msgspec.json.decode(value)
+    except msgspec.DecodeError as exc:
+        raise InvalidRequest("Invalid heartbeat", [{"field": "body", "value": value[:80], "reason": str(exc)}]) from None
+    device_id = body.get("device_id") if isinstance(body, dict) else None
+    if device_id is None or device_id.encode() != key:
+        raise InvalidRequest("Invalid heartbeat", [{"field": "device_id", "value": device_id,
+                                                    "reason": f"does not match the message key {key!r}"}])
+    return kafka_timestamp_ms

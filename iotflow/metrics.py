@@ -22,7 +22,7 @@ SINK_BATCH_SECONDS = Histogram(
 OUTBOX_PUBLISHED = Counter("iotflow_outbox_published_total", "Device events the outbox relay published to device-events.")
 DEVICE_EVENTS = Counter(
     "iotflow_device_events_total",
-    "Device events the registry agent read, by outcome (applied; duplicate: applied before, by seq; unreadable).",
+    "Records the devices agent read from device-events, by outcome (applied; duplicate: applied before, by seq; heartbeat; unreadable).",
     ["outcome"],
 )
 CACHE = Counter(
@@ -31,3 +31,4 @@ CACHE = Counter(
     ["result"],
 )
 CIRCUIT_OPEN = Gauge("iotflow_circuit_open", "1 while a dependency's circuit breaker is open or half-open.", ["dependency"])
+LAST_SEEN_SAVED = Counter("iotflow_last_seen_saved_total", "Devices whose last_seen moved forward in PostgreSQL.")

@@ -24,7 +24,7 @@ import asyncpg
 import structlog
 from aiokafka import AIOKafkaProducer
 
-from iotflow import metrics
+from iotflow import metrics, topics
 from iotflow.pg import LazyPool
 
 log = structlog.get_logger(__name__)
@@ -76,7 +76,7 @@ class OutboxRelay:
                 event = {**json.loads(row["payload"]), "seq": row["seq"]}
                 deliveries.append(await producer.send(
                     self.topic, key=row["device_id"].encode(), value=json.dumps(event).encode(),
-                    headers=[("iotflow-event-id", str(row["event_id"]).encode())]))
+                    headers=[("iotflow-event-id", str(row["event_id"]).encode()), (topics.KIND_HEADER, b"lifecycle")]))
             await asyncio.wait_for(asyncio.gather(*deliveries), self.request_timeout_s)
         except BaseException:
             # The round is rolled back and retried; it gets a fresh producer, since an idempotent

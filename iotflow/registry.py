@@ -15,6 +15,7 @@ import contextlib
 import json
 import uuid
 from collections.abc import AsyncIterator
+from datetime import datetime
 from typing import Any
 
 import asyncpg
@@ -119,6 +120,18 @@ class DeviceRegistry:
             device = _device(record)
             await _event(conn, device, "updated", changed=sorted(change.values))
             return device
+
+    async def record_last_seen(self, seen: dict[str, datetime]) -> int:
+        """Move ``last_seen`` forward for these devices in one statement (never backward, never a
+        new version: presence is not a change of the device); returns the rows moved."""
+        if not seen:
+            return 0
+        async with self._connection() as conn:
+            status = await conn.execute(
+                "UPDATE devices d SET last_seen = v.seen FROM unnest($1::text[], $2::timestamptz[]) AS v(id, seen) "
+                "WHERE d.id = v.id AND (d.last_seen IS NULL OR d.last_seen < v.seen)",
+                list(seen), list(seen.values()))
+        return int(status.rsplit(" ", 1)[-1])
 
     async def delete(self, device_id: str, expected_version: int | None) -> Device:
         """Soft delete: the row stays with ``deleted_at`` set; its id cannot be registered again."""

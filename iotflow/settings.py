@@ -180,6 +180,8 @@ class Settings:
     loss_threshold: float = _setting(0.001, _ratio, "share of messages missing (seq gaps) that marks the pipeline unhealthy")
     outbox_batch_size: int = _setting(500, _positive_int, "device events the outbox relay publishes per round")
     outbox_interval_s: float = _setting(0.2, _positive_seconds, "pause between the outbox relay's rounds (leader worker)")
+    last_seen_flush_s: float = _setting(5.0, _positive_seconds, "how often heartbeats' last_seen are written to PostgreSQL")
+    offline_after_s: float = _setting(90.0, _positive_seconds, "a device without a heartbeat for this long is offline")
     jwt_secret: str = _setting(DEV_JWT_SECRET, _secret, "HS256 key of the API's bearer tokens (32+ characters; set it outside development)", secret=True)
     jwt_issuer: str = _setting("iotflow", _non_empty, "issuer (iss) the API's tokens must name")
     jwt_audience: str = _setting("iotflow-api", _non_empty, "audience (aud) the API's tokens must name")

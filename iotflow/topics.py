@@ -14,6 +14,10 @@ SENSOR_DATA_DLQ = "sensor-data-dlq"
 DEVICE_EVENTS = "device-events"
 FIRMWARE_STATUS = "firmware-status"
 
+# The header naming what a record is: telemetry, heartbeat or firmware/status from the bridge,
+# lifecycle from the outbox relay (device-events carries both lifecycle events and heartbeats).
+KIND_HEADER = "iotflow-kind"
+
 # Topics iotflow creates up front (Faust creates its own changelog topics).
 ALL = (SENSOR_DATA, SENSOR_DATA_DLQ, DEVICE_EVENTS, FIRMWARE_STATUS)
 
@@ -22,17 +26,9 @@ def name(settings: Settings, topic: str) -> str:
     return settings.topic_prefix + topic
 
 
-# device-events carries each device's whole record in every event: compaction keeps the latest
-# per device for ever, so a new consumer group can rebuild the registry from the topic alone.
-_COMPACTED = (DEVICE_EVENTS,)
-
-
 def topic_config(settings: Settings, topic: str) -> dict[str, str]:
     """Broker-side configuration the iotflow topic ``topic`` (unprefixed) is created with."""
-    config = {"min.insync.replicas": str(settings.min_insync_replicas)}
-    if topic in _COMPACTED:
-        config["cleanup.policy"] = "compact"
-    return config
+    return {"min.insync.replicas": str(settings.min_insync_replicas)}
 
 
 def _raw_topic(app: faust.App, settings: Settings, topic: str) -> faust.TopicT:
@@ -59,5 +55,6 @@ def sensor_data_dlq(app: faust.App, settings: Settings) -> faust.TopicT:
 
 
 def device_events(app: faust.App, settings: Settings) -> faust.TopicT:
-    """Device lifecycle events from the outbox relay, keyed by device id (compacted)."""
+    """Device lifecycle events (outbox relay) and heartbeats (bridge), keyed by device id; the
+    ``iotflow-kind`` header tells them apart."""
     return _raw_topic(app, settings, DEVICE_EVENTS)

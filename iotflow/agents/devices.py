@@ -1,10 +1,21 @@
-"""The registry agent and the outbox relay timer.
+"""The devices agent, the outbox relay timer and the last_seen writer.
 
-The agent builds the registry table from ``device-events``: each event is applied when its outbox
-``seq`` is above the device's last applied one (so a republished or replayed event takes effect
-once). The relay runs on the leader worker only, every ``outbox_interval_s``.
+``device-events`` carries two kinds of record, told apart by the ``iotflow-kind`` header:
+
+- lifecycle events from the outbox relay: the registry table applies each when its outbox
+  ``seq`` is above the device's last applied one (a republished or replayed event takes effect
+  once), and the Redis cache entry of the device is replaced by a tombstone of the new version;
+- heartbeats from the bridge: the presence table records when each device was last seen, and the
+  times are written to PostgreSQL's ``devices.last_seen`` in batches every
+  ``last_seen_flush_s``; while PostgreSQL is away they wait in memory (one entry per device) and
+  go with the next flush — delayed, not lost (a crash meanwhile costs them until the device's
+  next heartbeat, which carries a later time anyway).
+
+The relay runs on the leader worker only, every ``outbox_interval_s``.
 """
 from __future__ import annotations
+
+from datetime import UTC, datetime
 
 import asyncpg
 import faust
@@ -14,38 +25,75 @@ from aiokafka.errors import KafkaError
 
 from iotflow import metrics, topics
 from iotflow.cache import DeviceCache
-from iotflow.devices import RegistryEntry, apply_event
+from iotflow.devices import RegistryEntry, apply_event, heartbeat_seen_ms
+from iotflow.errors import InvalidRequest, IotflowError
 from iotflow.outbox import OutboxRelay
+from iotflow.registry import DeviceRegistry
 from iotflow.settings import Settings
 
 log = structlog.get_logger(__name__)
 
+_TRANSIENT = (asyncpg.PostgresError, asyncpg.InterfaceError, KafkaError, OSError, TimeoutError, IotflowError)
 
-def register(app: faust.App, settings: Settings, registry: faust.Table, relay: OutboxRelay, cache: DeviceCache) -> None:
+
+def register(app: faust.App, settings: Settings, *, registry_table: faust.Table, presence: faust.Table,
+             registry: DeviceRegistry, relay: OutboxRelay, cache: DeviceCache) -> None:
+    unsaved: dict[str, datetime] = {}  # heartbeats not yet in PostgreSQL: device id → last seen
+
+    async def lifecycle(key: bytes, value: bytes) -> None:
+        stored = registry_table.get(key)
+        entry = apply_event(RegistryEntry.decode(stored) if stored else None, msgspec.json.decode(value))
+        if entry is None:
+            metrics.DEVICE_EVENTS.labels("duplicate").inc()
+            return
+        registry_table[key] = entry.encode()
+        metrics.DEVICE_EVENTS.labels("applied").inc()
+        # Changes made through any worker (or any other writer of the outbox) reach the cache here.
+        await cache.invalidate(key.decode(), int(entry.device["version"]))
+
+    def heartbeat(key: bytes, value: bytes, timestamp_s: float) -> None:
+        seen_ms = heartbeat_seen_ms(key, value, int(timestamp_s * 1000))
+        held = presence.get(key)
+        if held is None or int(held) < seen_ms:
+            presence[key] = str(seen_ms).encode()
+            unsaved[key.decode()] = datetime.fromtimestamp(seen_ms / 1000, UTC)
+        metrics.DEVICE_EVENTS.labels("heartbeat").inc()
+
     @app.agent(topics.device_events(app, settings), name="iotflow.devices")
     async def devices(stream: faust.StreamT) -> None:
         async for event in stream.events():
             key: bytes = event.key or b""
-            stored = registry.get(key)
+            kind = dict(event.headers or {}).get(topics.KIND_HEADER, b"lifecycle")
             try:
-                entry = apply_event(RegistryEntry.decode(stored) if stored else None, msgspec.json.decode(event.value))
-            except (msgspec.DecodeError, KeyError, TypeError, ValueError) as exc:
-                log.error("device_event_unreadable", partition=event.message.partition,
+                if kind == b"heartbeat":
+                    heartbeat(key, event.value, event.message.timestamp)
+                else:
+                    await lifecycle(key, event.value)
+            except (InvalidRequest, msgspec.DecodeError, KeyError, TypeError, ValueError) as exc:
+                log.error("device_event_unreadable", kind=kind.decode(errors="replace"), key=key[:80],
+                          value=event.value[:200], partition=event.message.partition,
                           offset=event.message.offset, error=str(exc))
                 metrics.DEVICE_EVENTS.labels("unreadable").inc()
-                continue
-            if entry is None:
-                metrics.DEVICE_EVENTS.labels("duplicate").inc()
-                continue
-            registry[key] = entry.encode()
-            metrics.DEVICE_EVENTS.labels("applied").inc()
-            # Changes made through any worker (or any other writer of the outbox) reach the cache here.
-            await cache.invalidate(key.decode(), int(entry.device["version"]))
 
     @app.timer(settings.outbox_interval_s, name="iotflow.outbox.relay", on_leader=True)
     async def relay_outbox() -> None:
         try:
             while await relay.relay_once() == relay.batch_size:
                 pass  # a full batch: more may be waiting
-        except (asyncpg.PostgresError, asyncpg.InterfaceError, KafkaError, OSError, TimeoutError) as exc:
+        except _TRANSIENT as exc:
             log.warning("outbox_relay_failed", error=f"{exc.__class__.__name__}: {exc}")  # next round retries
+
+    @app.timer(settings.last_seen_flush_s, name="iotflow.devices.last_seen")
+    async def save_last_seen() -> None:
+        if not unsaved:
+            return
+        batch = dict(unsaved)
+        try:
+            moved = await registry.record_last_seen(batch)
+        except _TRANSIENT as exc:
+            log.warning("last_seen_flush_failed", devices=len(batch), error=f"{exc.__class__.__name__}: {exc}")
+            return  # kept: the next flush takes them (with any newer times)
+        for device_id, seen in batch.items():
+            if unsaved.get(device_id) == seen:
+                del unsaved[device_id]
+        metrics.LAST_SEEN_SAVED.inc(moved)

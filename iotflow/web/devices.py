@@ -33,6 +33,7 @@ from iotflow.errors import DeviceConflict, DeviceNotFound, InvalidRequest, Regis
 from iotflow.measurements import MeasurementReader
 from iotflow.pg import is_transient
 from iotflow.registry import DeviceRegistry
+from iotflow.settings import Settings
 from iotflow.web.auth import Guard
 from iotflow.web.problems import HEADER, problem, request_id
 
@@ -65,8 +66,8 @@ async def _answer(view: View, request: Request, work: Callable[[], Awaitable[Res
         return response
 
 
-def register(app: faust.App, registry: DeviceRegistry, cache: DeviceCache, table: faust.Table,
-             reader: MeasurementReader, guard: Guard) -> None:
+def register(app: faust.App, settings: Settings, registry: DeviceRegistry, cache: DeviceCache, table: faust.Table,
+             presence: faust.Table, reader: MeasurementReader, guard: Guard) -> None:
     async def read(device_id: str) -> Device:
         """Cache-aside: Redis first, PostgreSQL on a miss (or when Redis is away), then fill."""
         cached = await cache.get(device_id)
@@ -151,7 +152,11 @@ def register(app: faust.App, registry: DeviceRegistry, cache: DeviceCache, table
             return problem(self, request, 404, "No such device in the registry",
                            f"no device-events applied for {device_id!r} (yet)", device_id=device_id)
         entry = RegistryEntry.decode(raw)
+        seen = presence.get(device_id.encode())
+        last_seen = datetime.fromtimestamp(int(seen) / 1000, UTC) if seen else None
+        online = last_seen is not None and (datetime.now(UTC) - last_seen).total_seconds() <= settings.offline_after_s
         body = {"device_id": device_id, "deleted": entry.deleted, "version": entry.device.get("version"),
                 "status": entry.device.get("status"), "firmware_version": entry.device.get("firmware_version"),
+                "last_seen": last_seen.isoformat() if last_seen else None, "online": online,
                 "events_applied": entry.events, "last_event_seq": entry.seq}
         return self.json(body, headers={HEADER: request_id(request)})

@@ -11,7 +11,7 @@ from urllib.parse import quote
 
 import asyncpg
 import pytest
-from aiokafka import AIOKafkaConsumer
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
 from iotflow import topics
 from iotflow.kafka_admin import ensure_topics
@@ -268,3 +268,44 @@ def test_every_api_request_needs_a_token_whose_role_allows_it(api, run_id):
         assert status == 401 and reason in problem["detail"], problem
     # Health needs no token.
     assert http_json("GET", api.url.replace("/api/v1/devices", "/health/live"))[0] == 200
+
+
+def test_heartbeats_mark_a_device_online_and_reach_last_seen_in_postgresql(api, settings, run_id):
+    device_id = f"hb-{run_id}"
+    _call("POST", api.url, {"id": device_id, "name": "beacon", "type": "beacon"})
+
+    async def beat() -> None:
+        producer = AIOKafkaProducer(bootstrap_servers=settings.kafka_bootstrap, acks="all")
+        await producer.start()
+        try:
+            topic = topics.name(api.settings, topics.DEVICE_EVENTS)
+            kind = [(topics.KIND_HEADER, b"heartbeat")]
+            # One that names another device (refused, the stream goes on), then a good one.
+            await producer.send_and_wait(topic, json.dumps({"device_id": "someone-else"}).encode(),
+                                         key=device_id.encode(), headers=kind)
+            await producer.send_and_wait(topic, json.dumps({"device_id": device_id, "ts": 1}).encode(),
+                                         key=device_id.encode(), headers=kind)
+        finally:
+            await producer.stop()
+
+    before = datetime.now(UTC)
+    asyncio.run(beat())
+
+    def online() -> dict | None:
+        status, _, body = _call("GET", f"{api.url}/{device_id}/state")
+        return body if status == 200 and body["online"] else None
+
+    state = wait_for(online, timeout=60)
+    assert state, _call("GET", f"{api.url}/{device_id}/state")
+    seen = datetime.fromisoformat(state["last_seen"])
+    assert before - timedelta(seconds=5) <= seen <= datetime.now(UTC)  # Kafka's clock, not the payload's ts=1
+
+    async def last_seen_in_db():
+        conn = await asyncpg.connect(settings.pg_dsn, timeout=10)
+        try:
+            return await conn.fetchval("SELECT last_seen FROM devices WHERE id = $1", device_id)
+        finally:
+            await conn.close()
+
+    assert wait_for(lambda: asyncio.run(last_seen_in_db()) == seen, timeout=60), asyncio.run(last_seen_in_db())
+    assert _call("GET", f"{api.url}/{device_id}")[2]["version"] == 1  # presence is not a change of the device
