@@ -10,7 +10,7 @@ from datetime import timedelta
 from iotflow import logs, topics
 from iotflow.agents import devices as device_agents, ingest
 from iotflow.cache import DeviceCache, client_for
-from iotflow.dedup import DeviceAccount, Mark
+from iotflow.dedup import DeviceAccount, LatestValues, Mark
 from iotflow.errors import SettingsError
 from iotflow.ingest import IngestPipeline
 from iotflow.measurements import MeasurementReader
@@ -64,6 +64,7 @@ def create_app(settings: Settings) -> faust.App:
     app.transport = Transport(app.conf.broker_consumer, app)
     marks = ingest_tables.marks(app, settings)
     accounts = ingest_tables.accounts(app, settings)
+    latest = ingest_tables.latest(app, settings)
     sink = MeasurementSink(
         settings.tsdb_dsn,
         pool_size=settings.pg_pool_size,
@@ -76,6 +77,7 @@ def create_app(settings: Settings) -> faust.App:
         # The classes are their own codecs: ``Mark.encode(mark)``, ``Mark.decode(raw)``.
         marks=TableBatch(app, marks, Mark),
         accounts=TableBatch(app, accounts, DeviceAccount),
+        latest=TableBatch(app, latest, LatestValues),
         limits=Limits(
             max_clock_skew=timedelta(seconds=settings.max_clock_skew_s),
             retention=timedelta(days=settings.retention_days),
@@ -107,7 +109,7 @@ def create_app(settings: Settings) -> faust.App:
     measurements_pool = LazyPool(settings.tsdb_dsn, size=settings.pg_pool_size,
                                  connect_timeout_s=settings.pg_connect_timeout_s,
                                  command_timeout_s=settings.pg_command_timeout_s, application_name="iotflow-api")
-    devices.register(app, settings, registry, cache, registry_table, presence_table,
+    devices.register(app, settings, registry, cache, registry_table, presence_table, latest,
                      MeasurementReader(measurements_pool), guard)
     _close_on_stop(app, relay, cache, registry_pool, measurements_pool)
     return app

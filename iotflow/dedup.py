@@ -21,7 +21,7 @@ import msgspec
 
 _encode = msgspec.json.encode
 _decode_mark = msgspec.json.Decoder(tuple[int, int, int]).decode
-_decode_account = msgspec.json.Decoder(dict).decode
+_decode_object = msgspec.json.Decoder(dict).decode
 
 
 class Verdict(Enum):
@@ -139,7 +139,28 @@ class DeviceAccount:
 
     @classmethod
     def decode(cls, value: bytes | None) -> DeviceAccount:
-        return cls(**_decode_account(value)) if value else cls()
+        return cls(**_decode_object(value)) if value else cls()
 
 
 _ACCOUNT_FIELDS = tuple(f.name for f in fields(DeviceAccount))
+
+
+@dataclass(slots=True)
+class LatestValues:
+    """The last value of each metric of one device, by the measurement's own time: a replayed or
+    late message never overwrites a newer value. Mutable, like :class:`DeviceAccount`."""
+
+    values: dict[str, tuple[float, int]] = field(default_factory=dict)  # metric → (value, time in ms)
+
+    def update(self, metrics: tuple[tuple[str, float], ...], time_ms: int) -> None:
+        for name, value in metrics:
+            held = self.values.get(name)
+            if held is None or held[1] <= time_ms:
+                self.values[name] = (value, time_ms)
+
+    def encode(self) -> bytes:
+        return _encode(self.values)
+
+    @classmethod
+    def decode(cls, value: bytes) -> LatestValues:
+        return cls({name: (float(v), int(t)) for name, (v, t) in _decode_object(value).items()})

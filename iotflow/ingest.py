@@ -8,7 +8,7 @@ account — tagged with the event's partition) in a bounded batch. :meth:`Ingest
 1. wait until every DLQ record of the batch is confirmed by Kafka (acks=all);
 2. write the batch's rows through the idempotent sink (retrying while the database is away —
    the agent blocks meanwhile: backpressure, and Kafka keeps the backlog);
-3. write the batch's marks and accounts: changelog records acknowledged by Kafka, then the local
+3. write the batch's marks, accounts and latest values: changelog records acknowledged by Kafka, then the local
    store (:class:`iotflow.tables.batched.TableBatch`), retried while Kafka refuses them;
 4. acknowledge the batch's events, in order, so Faust may commit their offsets.
 
@@ -33,7 +33,7 @@ from aiokafka.errors import KafkaError
 
 from iotflow import metrics
 from iotflow.backoff import full_jitter
-from iotflow.dedup import DeviceAccount, ExpiryIndex, Mark, Verdict, dedup_key, verdict
+from iotflow.dedup import DeviceAccount, ExpiryIndex, LatestValues, Mark, Verdict, dedup_key, verdict
 from iotflow.errors import InvalidPayload, SinkRejected
 from iotflow.sinks.timescale import MeasurementSink, Row
 from iotflow.tables.batched import TableBatch
@@ -59,6 +59,7 @@ class IngestPipeline:
         dlq: faust.TopicT,
         marks: TableBatch[Mark],
         accounts: TableBatch[DeviceAccount],
+        latest: TableBatch[LatestValues],
         limits: Limits,
         batch_size: int,
         dedup_window_s: float,
@@ -68,6 +69,7 @@ class IngestPipeline:
         self.dlq = dlq
         self.marks = marks
         self.accounts = accounts
+        self.latest = latest
         self.limits = limits
         self.batch_size = batch_size
         self.window_ms = int(dedup_window_s * 1000)
@@ -129,6 +131,9 @@ class IngestPipeline:
                 self._expiry.add(key, mark)
             if outcome is not Verdict.DUPLICATE:
                 pending.rows = telemetry.rows()
+                values = self.latest.get(device_key) or LatestValues()
+                values.update(telemetry.metrics, int(telemetry.time.timestamp() * 1000))
+                self.latest.set(partition, device_key, values)
             if not counted:
                 account.count(outcome, message.offset, now_ms, telemetry.seq)
                 self.accounts.set(partition, device_key, account)
@@ -157,7 +162,7 @@ class IngestPipeline:
         """Make the queued batch durable, then acknowledge its events (see the module docstring)."""
         async with self._flush_lock:
             batch, self._pending, self._pending_rows = self._pending, [], 0
-            marks, accounts = self.marks.take(), self.accounts.take()
+            marks, accounts, latest = self.marks.take(), self.accounts.take(), self.latest.take()
             if not batch and not marks:
                 return
             for pending in batch:
@@ -172,15 +177,15 @@ class IngestPipeline:
                 stored = await self._write_each(batch)
             metrics.SINK_BATCH_SECONDS.observe(time.perf_counter() - started)
             metrics.ROWS_STORED.inc(stored)
-            await self._write_tables(marks, accounts)
+            await self._write_tables((self.marks, marks), (self.accounts, accounts), (self.latest, latest))
             for pending in batch:
                 pending.event.ack()
 
-    async def _write_tables(self, marks: dict, accounts: dict) -> None:
-        """Marks and accounts after the rows (invariant 3); retried while Kafka refuses them."""
+    async def _write_tables(self, *writes: tuple[TableBatch, dict]) -> None:
+        """The batch's table writes after its rows (invariant 3); retried while Kafka refuses them."""
         for attempt in itertools.count():
             try:
-                await asyncio.gather(self.marks.write(marks), self.accounts.write(accounts))
+                await asyncio.gather(*(table.write(batch) for table, batch in writes))
                 return
             except KafkaError as exc:
                 delay = full_jitter(attempt, base_s=0.2, cap_s=10.0)

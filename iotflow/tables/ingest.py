@@ -12,6 +12,7 @@ from iotflow.tables import bytes_table
 
 MARKS = "dedup-marks"
 ACCOUNTS = "device-accounts"
+LATEST = "device-latest"
 
 
 def marks(app: faust.App, settings: Settings) -> faust.Table:
@@ -22,3 +23,8 @@ def marks(app: faust.App, settings: Settings) -> faust.Table:
 def accounts(app: faust.App, settings: Settings) -> faust.Table:
     """``device_id`` (raw bytes, hashed like the sensor-data key) → the device's account."""
     return bytes_table(app, settings, ACCOUNTS, "Per-device accounting: received, accepted, duplicates, invalid, seq range.")
+
+
+def latest(app: faust.App, settings: Settings) -> faust.Table:
+    """``device_id`` → the last value of each of its metrics (:class:`iotflow.dedup.LatestValues`)."""
+    return bytes_table(app, settings, LATEST, "Per-device last value of each metric, by measurement time.")

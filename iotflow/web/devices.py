@@ -20,6 +20,7 @@ import faust
 from faust.web import Request, Response, View
 
 from iotflow.cache import DeviceCache
+from iotflow.dedup import LatestValues
 from iotflow.devices import (
     Device,
     RegistryEntry,
@@ -67,7 +68,7 @@ async def _answer(view: View, request: Request, work: Callable[[], Awaitable[Res
 
 
 def register(app: faust.App, settings: Settings, registry: DeviceRegistry, cache: DeviceCache, table: faust.Table,
-             presence: faust.Table, reader: MeasurementReader, guard: Guard) -> None:
+             presence: faust.Table, latest: faust.Table, reader: MeasurementReader, guard: Guard) -> None:
     async def read(device_id: str) -> Device:
         """Cache-aside: Redis first, PostgreSQL on a miss (or when Redis is away), then fill."""
         cached = await cache.get(device_id)
@@ -158,5 +159,12 @@ def register(app: faust.App, settings: Settings, registry: DeviceRegistry, cache
         body = {"device_id": device_id, "deleted": entry.deleted, "version": entry.device.get("version"),
                 "status": entry.device.get("status"), "firmware_version": entry.device.get("firmware_version"),
                 "last_seen": last_seen.isoformat() if last_seen else None, "online": online,
+                "metrics": _latest_metrics(latest.get(device_id.encode())),
                 "events_applied": entry.events, "last_event_seq": entry.seq}
         return self.json(body, headers={HEADER: request_id(request)})
+
+
+def _latest_metrics(raw: bytes | None) -> dict[str, dict[str, object]]:
+    values = LatestValues.decode(raw) if raw else LatestValues()
+    return {name: {"value": value, "time": datetime.fromtimestamp(ms / 1000, UTC).isoformat()}
+            for name, (value, ms) in sorted(values.values.items())}

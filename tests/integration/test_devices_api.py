@@ -232,6 +232,14 @@ def test_telemetry_comes_back_in_time_buckets(api, run_id):
     assert [(b["count"], b["min"], b["max"], b["avg"]) for b in found] == [(3, 10.0, 30.0, 20.0), (1, 40.0, 40.0, 40.0)]
     assert found[0]["bucket"] == base.isoformat() and {b["metric"] for b in found} == {"temp"}
 
+    def last_values() -> dict | None:
+        status, _, body = _call("GET", f"{api.url}/{device_id}/state")
+        return body["metrics"] if status == 200 and body["metrics"] else None
+
+    latest = wait_for(last_values, timeout=30)
+    assert latest == {"hum": {"value": 50.0, "time": (base + timedelta(seconds=60)).isoformat()},
+                      "temp": {"value": 40.0, "time": (base + timedelta(seconds=60)).isoformat()}}
+
     status, _, body = _call("GET", f"{api.url}/{device_id}/telemetry?from={quote(start)}&to={quote(end)}&bucket=2m")
     assert status == 200 and [(b["metric"], b["count"]) for b in body["buckets"]] == [("hum", 4), ("temp", 4)]
 

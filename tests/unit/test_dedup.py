@@ -2,7 +2,7 @@ from __future__ import annotations
 
 from hypothesis import given, settings, strategies as st
 
-from iotflow.dedup import DeviceAccount, ExpiryIndex, Mark, Verdict, dedup_key, verdict
+from iotflow.dedup import DeviceAccount, ExpiryIndex, LatestValues, Mark, Verdict, dedup_key, verdict
 
 
 def test_the_first_message_with_a_msg_id_is_new():
@@ -89,3 +89,12 @@ def test_gaps_are_the_sequence_numbers_that_never_arrived(seqs):
     assert account.accepted == len(distinct)
     assert account.duplicates == len(seqs) - len(distinct)
     assert account.gaps == len(set(range(min(seqs), max(seqs) + 1)) - distinct)
+
+
+def test_latest_values_keep_the_newest_measurement_of_each_metric():
+    latest = LatestValues()
+    latest.update((("temp", 20.0), ("hum", 40.0)), time_ms=2000)
+    latest.update((("temp", 10.0),), time_ms=1000)  # late or replayed: older than what is held
+    latest.update((("temp", 21.5),), time_ms=3000)
+    assert latest.values == {"temp": (21.5, 3000), "hum": (40.0, 2000)}
+    assert LatestValues.decode(latest.encode()) == latest
