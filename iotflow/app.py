@@ -111,6 +111,7 @@ def create_app(settings: Settings) -> faust.App:
                                  command_timeout_s=settings.pg_command_timeout_s, application_name="iotflow-api")
     devices.register(app, settings, registry, cache, registry_table, presence_table, latest,
                      MeasurementReader(measurements_pool), guard)
+    health.register_readiness(app, registry_pool, cache)
     _close_on_stop(app, relay, cache, registry_pool, measurements_pool)
     return app
 

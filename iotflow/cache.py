@@ -103,6 +103,10 @@ class DeviceCache:
             metrics.CACHE.labels("miss").inc()
         return result
 
+    async def ping(self, timeout_s: float) -> None:
+        """Raise unless Redis answers PING within ``timeout_s`` (past the breaker: what it is, now)."""
+        await asyncio.wait_for(self.client.ping(), timeout_s)
+
     async def close(self) -> None:
         await self.client.aclose()
 

@@ -62,6 +62,13 @@ class LazyPool:
         """A connection from ``pool``, waiting at most the connect timeout for one to be free."""
         return pool.acquire(timeout=self.connect_timeout_s)
 
+    async def ping(self, timeout_s: float) -> None:
+        """Raise unless the database answers ``SELECT 1`` within ``timeout_s`` (pool opening included)."""
+        async def probe() -> None:
+            async with self.acquire(await self.get()) as conn:
+                await conn.fetchval("SELECT 1", timeout=timeout_s)
+        await asyncio.wait_for(probe(), timeout_s)
+
     async def close(self) -> None:
         if self._pool is not None:
             pool, self._pool = self._pool, None

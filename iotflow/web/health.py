@@ -1,10 +1,28 @@
-"""``/health/live``: the process answers; it never checks a dependency (design R-15)."""
+"""Health: ``/health/live`` checks the process only, ``/health/ready`` the dependencies (R-15).
+
+Readiness, each check bounded by its own short timeout and timed:
+
+- ``kafka``: this worker is in its consumer group with a settled assignment — not rebalancing, not
+  restoring tables from their changelogs (then it cannot serve table views or make progress);
+- ``postgres``: the registry database answers ``SELECT 1``;
+- ``redis``: answers ``PING``. Redis is a cache: when it does not answer the worker is still
+  ready, ``"degraded"``, with the reason.
+
+200 with ``status`` ``ready`` or ``degraded``; 503 with ``unready`` when Kafka or PostgreSQL fails.
+"""
 from __future__ import annotations
 
+import asyncio
 import time
+from collections.abc import Awaitable, Callable
 
 import faust
 from faust.web import Request, Response, View
+
+from iotflow.cache import DeviceCache
+from iotflow.pg import LazyPool
+
+CHECK_TIMEOUT_S = 1.0
 
 
 def register(app: faust.App) -> None:
@@ -13,3 +31,44 @@ def register(app: faust.App) -> None:
     @app.page("/health/live")
     async def live(self: View, request: Request) -> Response:
         return self.json({"status": "ok", "uptime_s": round(time.monotonic() - started, 3)})
+
+
+def register_readiness(app: faust.App, postgres: LazyPool, cache: DeviceCache) -> None:
+    async def kafka() -> str:
+        if app.rebalancing:
+            raise RuntimeError("rebalancing")
+        if app.in_recovery:
+            raise RuntimeError("restoring tables from their changelogs")
+        return f"{len(app.consumer.assignment())} partitions assigned"
+
+    async def database() -> str:
+        await postgres.ping(CHECK_TIMEOUT_S)
+        return "answers"
+
+    async def redis() -> str:
+        await cache.ping(CHECK_TIMEOUT_S)
+        return "answers"
+
+    @app.page("/health/ready")
+    async def ready(self: View, request: Request) -> Response:
+        names = ("kafka", "postgres", "redis")
+        results = await asyncio.gather(*(_timed(check) for check in (kafka, database, redis)))
+        checks = dict(zip(names, results))
+        if checks["kafka"]["status"] != "ok" or checks["postgres"]["status"] != "ok":
+            status, code = "unready", 503
+        elif checks["redis"]["status"] != "ok":
+            status, code = "degraded", 200
+        else:
+            status, code = "ready", 200
+        return self.json({"status": status, "checks": checks}, status=code)
+
+
+async def _timed(check: Callable[[], Awaitable[str]]) -> dict[str, object]:
+    begun = time.perf_counter()
+    try:
+        detail = await asyncio.wait_for(check(), CHECK_TIMEOUT_S)
+        status = "ok"
+    except Exception as exc:  # noqa: BLE001 - any failure is this check's answer
+        name = exc.__class__.__name__
+        detail, status = (f"{name}: {exc}" if str(exc) else name), "failing"
+    return {"status": status, "detail": detail, "time_ms": round((time.perf_counter() - begun) * 1000, 1)}

@@ -19,6 +19,7 @@ from iotflow.testing import (
     produce_telemetry,
     stored_messages,
     telemetry,
+    wait_for,
 )
 
 
@@ -58,11 +59,16 @@ def devices(run_id: str) -> list[str]:
     return [f"dev-{run_id}-{i}" for i in range(20)]
 
 
-def test_liveness_answers_200(start_worker):
+def test_liveness_answers_200_and_readiness_checks_each_dependency(start_worker):
     worker = start_worker()
     worker.wait_ready()
     status, body = http_get_json(f"{worker.url}/health/live")
     assert (status, body["status"]) == (200, "ok")
+    ready = wait_for(lambda: (r := http_get_json(f"{worker.url}/health/ready"))[0] == 200 and r[1], timeout=30)
+    assert ready and ready["status"] == "ready", ready
+    assert {name: check["status"] for name, check in ready["checks"].items()} == {
+        "kafka": "ok", "postgres": "ok", "redis": "ok"}
+    assert "partitions assigned" in ready["checks"]["kafka"]["detail"]
 
 
 def test_valid_messages_are_stored_once_duplicates_dropped_and_invalid_sent_to_the_dlq(

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from iotflow.simulator import Fleet, FleetConfig
-from iotflow.testing import produce, rss_kib, stored_messages, telemetry, wait_for
+from iotflow.testing import http_get_json, http_json, produce, rss_kib, stored_messages, telemetry, wait_for
 from tests.integration.test_mqtt_path import start_bridge, wait_for_log
 
 IOTFLOW = Path(sys.executable).with_name("iotflow")
@@ -65,6 +65,9 @@ def test_the_database_stopped_for_30_seconds_costs_nothing_and_memory_stays_boun
         second = [(d.encode(), telemetry(d, seq)) for seq in range(250, 1250) for d in devices]
         asyncio.run(produce(settings, second))
         peak = baseline_rss
+        status, _, ready = http_json("GET", f"{worker.url}/health/ready")
+        assert (status, ready["status"], ready["checks"]["postgres"]["status"]) == (503, "unready", "failing"), ready
+        assert worker_alive(worker)  # unready, not dead: liveness never checks a dependency
         outage_end = time.monotonic() + 30
         while time.monotonic() < outage_end:
             assert worker.proc.poll() is None, "the worker died while the database was down"
@@ -79,3 +82,7 @@ def test_the_database_stopped_for_30_seconds_costs_nothing_and_memory_stays_boun
     assert asyncio.run(stored_messages(settings, prefix)) == (2 * total, total)
     # Bounded: the backlog (20,000 messages) stayed in Kafka, not in the worker.
     assert peak < baseline_rss + 100 * 1024, f"RSS grew from {baseline_rss} KiB to {peak} KiB during the outage"
+
+
+def worker_alive(worker) -> bool:
+    return http_get_json(f"{worker.url}/health/live")[0] == 200

@@ -64,6 +64,8 @@ def test_reads_survive_a_redis_outage_and_use_the_cache_again_after(settings, st
         assert wait_for(lambda: _cache_results(worker)["hit"] > 50, timeout=30), _cache_results(worker)
         _stack("down")
         try:
+            status, _, ready = http_json("GET", f"{worker.url}/health/ready")
+            assert (status, ready["status"], ready["checks"]["redis"]["status"]) == (200, "degraded", "failing"), ready
             during = _cache_results(worker)
             time.sleep(10)  # reads go on against PostgreSQL
             after_outage = _cache_results(worker)
@@ -71,6 +73,7 @@ def test_reads_survive_a_redis_outage_and_use_the_cache_again_after(settings, st
         finally:
             _stack("up")
         back = _cache_results(worker)["hit"]
+        assert wait_for(lambda: http_json("GET", f"{worker.url}/health/ready")[2]["status"] == "ready", timeout=30)
         assert wait_for(lambda: _cache_results(worker)["hit"] > back + 50, timeout=60), _cache_results(worker)
     finally:
         stop.set()
