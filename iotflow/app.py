@@ -20,10 +20,10 @@ from iotflow.registry import DeviceRegistry
 from iotflow.settings import DEV_JWT_SECRET, Settings
 from iotflow.sinks.timescale import MeasurementSink
 from iotflow.tables import devices as device_tables, ingest as ingest_tables
-from iotflow.tables.batched import TableBatch
+from iotflow.tables.batched import TableBatch, warm_changelog_metadata
 from iotflow.telemetry import Limits
 from iotflow.transport import Transport
-from iotflow.web import devices, health, ingest as ingest_views, pipeline
+from iotflow.web import devices, health, ingest as ingest_views, openapi, pipeline
 from iotflow.web.auth import Guard
 
 log = structlog.get_logger(__name__)
@@ -112,6 +112,12 @@ def create_app(settings: Settings) -> faust.App:
     devices.register(app, settings, registry, cache, registry_table, presence_table, latest,
                      MeasurementReader(measurements_pool), guard)
     health.register_readiness(app, registry_pool, cache)
+
+    @app.task
+    async def warm_metadata() -> None:
+        await warm_changelog_metadata(app)
+
+    openapi.register(app)
     _close_on_stop(app, relay, cache, registry_pool, measurements_pool)
     return app
 

@@ -21,6 +21,7 @@ TYPE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}")
 TAG = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:=/-]{0,63}")
 FIRMWARE_VERSION = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]{0,63}")
 STATUSES = ("provisioned", "active", "inactive", "maintenance")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")  # PostgreSQL text cannot hold NUL; none belongs in a name
 MAX_NAME = 200
 MAX_TAGS = 32
 MAX_PAGE = 500
@@ -136,8 +137,9 @@ def _check_field(errors: _Errors, name: str, value: Any) -> Any:
     if name == "id":
         return _text(errors, name, value, DEVICE_ID, "letters, digits and _.:- only, 1-128 characters")
     if name == "name":
-        if not isinstance(value, str) or not value.strip() or len(value) > MAX_NAME:
-            errors.add(name, value, f"expected a non-blank string of at most {MAX_NAME} characters")
+        if not isinstance(value, str) or not value.strip() or len(value) > MAX_NAME or _CONTROL.search(value):
+            errors.add(name, value, f"expected a non-blank string of at most {MAX_NAME} characters, "
+                                    "without control characters")
         return value
     if name == "type":
         return _text(errors, name, value, TYPE, "letters, digits and _.:- only, 1-64 characters")

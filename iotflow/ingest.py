@@ -20,7 +20,6 @@ account records the last offset it counted, so a replayed message is never count
 from __future__ import annotations
 
 import asyncio
-import itertools
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -29,14 +28,11 @@ import faust
 import structlog
 from faust.types import EventT
 
-from aiokafka.errors import KafkaError
-
 from iotflow import metrics
-from iotflow.backoff import full_jitter
 from iotflow.dedup import DeviceAccount, ExpiryIndex, LatestValues, Mark, Verdict, dedup_key, verdict
 from iotflow.errors import InvalidPayload, SinkRejected
 from iotflow.sinks.timescale import MeasurementSink, Row
-from iotflow.tables.batched import TableBatch
+from iotflow.tables.batched import TableBatch, write_all
 from iotflow.telemetry import Limits, parse
 
 log = structlog.get_logger(__name__)
@@ -177,20 +173,9 @@ class IngestPipeline:
                 stored = await self._write_each(batch)
             metrics.SINK_BATCH_SECONDS.observe(time.perf_counter() - started)
             metrics.ROWS_STORED.inc(stored)
-            await self._write_tables((self.marks, marks), (self.accounts, accounts), (self.latest, latest))
+            await write_all((self.marks, marks), (self.accounts, accounts), (self.latest, latest))
             for pending in batch:
                 pending.event.ack()
-
-    async def _write_tables(self, *writes: tuple[TableBatch, dict]) -> None:
-        """The batch's table writes after its rows (invariant 3); retried while Kafka refuses them."""
-        for attempt in itertools.count():
-            try:
-                await asyncio.gather(*(table.write(batch) for table, batch in writes))
-                return
-            except KafkaError as exc:
-                delay = full_jitter(attempt, base_s=0.2, cap_s=10.0)
-                log.warning("table_write_retry", attempt=attempt + 1, error=repr(exc), retry_in_s=round(delay, 2))
-                await asyncio.sleep(delay)
 
     async def _write_each(self, batch: list[_Pending]) -> int:
         """After a rejected batch: write message by message; what the database refuses goes to the DLQ."""

@@ -30,6 +30,7 @@ from iotflow.errors import InvalidRequest, IotflowError
 from iotflow.outbox import OutboxRelay
 from iotflow.registry import DeviceRegistry
 from iotflow.settings import Settings
+from iotflow.tables.batched import TableBatch, write_all
 
 log = structlog.get_logger(__name__)
 
@@ -39,23 +40,28 @@ _TRANSIENT = (asyncpg.PostgresError, asyncpg.InterfaceError, KafkaError, OSError
 def register(app: faust.App, settings: Settings, *, registry_table: faust.Table, presence: faust.Table,
              registry: DeviceRegistry, relay: OutboxRelay, cache: DeviceCache) -> None:
     unsaved: dict[str, datetime] = {}  # heartbeats not yet in PostgreSQL: device id → last seen
+    # Written through TableBatch, like the ingest agent's tables, and made durable before the next
+    # event (so before Faust acknowledges this one).
+    entries = TableBatch(app, registry_table, RegistryEntry)
+    seen = TableBatch(app, presence, _Millis)
 
-    async def lifecycle(key: bytes, value: bytes) -> None:
-        stored = registry_table.get(key)
-        entry = apply_event(RegistryEntry.decode(stored) if stored else None, msgspec.json.decode(value))
+    async def lifecycle(partition: int, key: bytes, value: bytes) -> None:
+        entry = apply_event(entries.get(key), msgspec.json.decode(value))
         if entry is None:
             metrics.DEVICE_EVENTS.labels("duplicate").inc()
             return
-        registry_table[key] = entry.encode()
+        entries.set(partition, key, entry)
+        await write_all((entries, entries.take()))
         metrics.DEVICE_EVENTS.labels("applied").inc()
         # Changes made through any worker (or any other writer of the outbox) reach the cache here.
         await cache.invalidate(key.decode(), int(entry.device["version"]))
 
-    def heartbeat(key: bytes, value: bytes, timestamp_s: float) -> None:
+    async def heartbeat(partition: int, key: bytes, value: bytes, timestamp_s: float) -> None:
         seen_ms = heartbeat_seen_ms(key, value, int(timestamp_s * 1000))
-        held = presence.get(key)
-        if held is None or int(held) < seen_ms:
-            presence[key] = str(seen_ms).encode()
+        held = seen.get(key)
+        if held is None or held < seen_ms:
+            seen.set(partition, key, seen_ms)
+            await write_all((seen, seen.take()))
             unsaved[key.decode()] = datetime.fromtimestamp(seen_ms / 1000, UTC)
         metrics.DEVICE_EVENTS.labels("heartbeat").inc()
 
@@ -65,10 +71,11 @@ def register(app: faust.App, settings: Settings, *, registry_table: faust.Table,
             key: bytes = event.key or b""
             kind = dict(event.headers or {}).get(topics.KIND_HEADER, b"lifecycle")
             try:
+                partition = event.message.partition
                 if kind == b"heartbeat":
-                    heartbeat(key, event.value, event.message.timestamp)
+                    await heartbeat(partition, key, event.value, event.message.timestamp)
                 else:
-                    await lifecycle(key, event.value)
+                    await lifecycle(partition, key, event.value)
             except (InvalidRequest, msgspec.DecodeError, KeyError, TypeError, ValueError) as exc:
                 log.error("device_event_unreadable", kind=kind.decode(errors="replace"), key=key[:80],
                           value=event.value[:200], partition=event.message.partition,
@@ -97,3 +104,15 @@ def register(app: faust.App, settings: Settings, *, registry_table: faust.Table,
             if unsaved.get(device_id) == seen:
                 del unsaved[device_id]
         metrics.LAST_SEEN_SAVED.inc(moved)
+
+
+class _Millis:
+    """Codec of the presence table's values: milliseconds since the epoch as ASCII digits."""
+
+    @staticmethod
+    def encode(value: int) -> bytes:
+        return str(value).encode()
+
+    @staticmethod
+    def decode(raw: bytes) -> int:
+        return int(raw)

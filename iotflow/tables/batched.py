@@ -22,14 +22,21 @@ Keys and values are bytes; the tables are declared with raw serializers (iotflow
 from __future__ import annotations
 
 import asyncio
+import itertools
 import time
 from dataclasses import dataclass
 from typing import Generic, Protocol, TypeVar
 
 import faust
+import structlog
+from aiokafka.errors import KafkaError
 from faust.stores.base import SerializedStore
 from faust.types import Message
 from faust.types.tuples import TP
+
+from iotflow.backoff import full_jitter
+
+log = structlog.get_logger(__name__)
 
 _RECORD_TIMESTAMP_TYPE = 0  # CreateTime, what the producer stamps
 
@@ -121,3 +128,35 @@ class TableBatch(Generic[V]):
                                     None, key, value, None, tp=TP(topic, meta.topic_partition.partition)))
             for (key, (_, value)), meta in zip(batch.items(), results)
         ]
+
+
+async def write_all(*writes: tuple[TableBatch, dict[bytes, tuple[int, bytes | None]]]) -> None:
+    """Write each table's batch (concurrently), retrying with jittered backoff while Kafka refuses:
+    the caller acknowledges its events only after this returns."""
+    for attempt in itertools.count():
+        try:
+            await asyncio.gather(*(table.write(batch) for table, batch in writes))
+            return
+        except KafkaError as exc:
+            delay = full_jitter(attempt, base_s=0.2, cap_s=10.0)
+            log.warning("table_write_retry", attempt=attempt + 1, error=repr(exc), retry_in_s=round(delay, 2))
+            await asyncio.sleep(delay)
+
+
+async def warm_changelog_metadata(app: faust.App) -> None:
+    """Load the producer's metadata of every table's changelog topic.
+
+    Faust's ``table_route`` finds a key's owner through the producer's partitioner, which fails
+    while the producer has never produced to the changelog (a fresh worker asked about a key
+    before any write). Done once at start, retried until the topics are visible.
+    """
+    producer = (await app.maybe_start_producer())._ensure_producer()
+    for table in app.tables.values():
+        topic = table.changelog_topic.get_topic_name()
+        for attempt in itertools.count():
+            try:
+                await asyncio.wait_for(producer.partitions_for(topic), 10)
+                break
+            except (KafkaError, asyncio.TimeoutError) as exc:
+                log.warning("changelog_metadata_retry", topic=topic, error=repr(exc))
+                await asyncio.sleep(full_jitter(attempt, base_s=0.2, cap_s=5.0))

@@ -16,6 +16,7 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 
+import asyncpg
 import faust
 from faust.web import Request, Response, View
 
@@ -61,6 +62,9 @@ async def _answer(view: View, request: Request, work: Callable[[], Awaitable[Res
     except VersionMismatch as exc:
         return problem(view, request, 412, "Device changed since it was read", str(exc),
                        device_id=exc.device_id, current_version=exc.current)
+    except asyncpg.DataError as exc:
+        # Validation should have caught it; if the database still refuses a value, say so (not 500).
+        return problem(view, request, 422, "Value refused by the database", f"{exc.__class__.__name__}: {exc}")
     except RegistryUnavailable as exc:
         response = problem(view, request, 503, "Device registry unavailable", str(exc))
         response.headers["Retry-After"] = str(_RETRY_AFTER_S)

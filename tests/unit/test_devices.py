@@ -120,3 +120,11 @@ def test_a_telemetry_query_is_bounded_in_buckets_and_ordered():
     assert "at most 10000 buckets" in errors["bucket"]
     errors = _errors(parse_telemetry_query, MultiDict([("from", "2026-11-29T09:00:00Z")]), NOW)
     assert errors["from"] == "must be before `to`"
+
+
+@pytest.mark.parametrize("name", ["nul\x00inside", "bell\x07", "tab\tname", "   "])
+def test_a_name_with_control_characters_or_only_blanks_is_refused(name):
+    # Found by schemathesis: PostgreSQL text cannot hold NUL, and none of these belongs in a name.
+    body = json.dumps({"id": "d", "name": name, "type": "t"}).encode()
+    assert set(_errors(parse_registration, body)) == {"name"}
+    assert set(_errors(parse_change, json.dumps({"name": name}).encode())) == {"name"}

@@ -1,0 +1,161 @@
+"""``/api/v1/openapi.json``: the OpenAPI 3.1 document of exactly the API this worker serves.
+
+tests/unit/test_openapi.py checks that its operations are the routes the app registers under
+``/api/v1`` (no more, no fewer); tests/integration/test_openapi.py drives the running API from it
+with schemathesis and finds no 5xx.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import faust
+from faust.web import Request, Response, View
+
+from iotflow.devices import FIRMWARE_VERSION, MAX_NAME, MAX_PAGE, MAX_TAGS, STATUSES, TAG, TYPE
+from iotflow.telemetry import DEVICE_ID, METRIC
+
+PATH = "/api/v1/openapi.json"
+
+
+def _ref(name: str) -> dict[str, str]:
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+def _json(schema: dict[str, Any], description: str) -> dict[str, Any]:
+    return {"description": description, "content": {"application/json": {"schema": schema}}}
+
+
+def _problem(description: str) -> dict[str, Any]:
+    return {"description": description, "content": {"application/problem+json": {"schema": _ref("Problem")}}}
+
+
+_PROBLEMS = {
+    "401": _problem("no valid bearer token"),
+    "403": _problem("the token's role does not allow this"),
+    "422": _problem("invalid request: every bad field named"),
+    "503": _problem("a database is not answering; retry after Retry-After seconds"),
+}
+_DEVICE_ID = {"name": "device_id", "in": "path", "required": True,
+              "schema": {"type": "string", "pattern": f"^{DEVICE_ID.pattern}$"}}
+_IF_MATCH = {"name": "If-Match", "in": "header", "required": False,
+             "schema": {"type": "string", "pattern": r'^(W/)?"?[1-9][0-9]{0,8}"?$'},
+             "description": "the device version the change is made against"}
+_TAGS = {"type": "array", "maxItems": MAX_TAGS, "items": {"type": "string", "pattern": f"^{TAG.pattern}$"}}
+_FIELDS: dict[str, Any] = {
+    "name": {"type": "string", "minLength": 1, "maxLength": MAX_NAME,
+             "pattern": r"^[^\u0000-\u001f\u007f]*[^\s\u0000-\u001f\u007f][^\u0000-\u001f\u007f]*$"},
+    "type": {"type": "string", "pattern": f"^{TYPE.pattern}$"},
+    "tags": _TAGS,
+    "firmware_version": {"type": ["string", "null"], "pattern": f"^{FIRMWARE_VERSION.pattern}$"},
+    "status": {"enum": list(STATUSES)},
+}
+
+
+def document() -> dict[str, Any]:
+    device_ops = {
+        "get": {"summary": "List live devices (filters, keyset cursor pages)", "security": [{"bearer": []}],
+                "parameters": [
+                    {"name": "type", "in": "query", "schema": _FIELDS["type"]},
+                    {"name": "status", "in": "query", "schema": _FIELDS["status"]},
+                    {"name": "firmware_version", "in": "query",
+                     "schema": {"type": "string", "pattern": f"^{FIRMWARE_VERSION.pattern}$"}},
+                    {"name": "tag", "in": "query", "schema": _TAGS, "style": "form", "explode": True},
+                    {"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1, "maximum": MAX_PAGE}},
+                    {"name": "cursor", "in": "query", "schema": {"type": "string"}},
+                ],
+                "responses": {"200": _json(_ref("DevicePage"), "one page"), **_PROBLEMS}},
+        "post": {"summary": "Register a device (the same registration again changes nothing)",
+                 "security": [{"bearer": []}],
+                 "requestBody": {"required": True, "content": {"application/json": {"schema": _ref("Registration")}}},
+                 "responses": {"201": _json(_ref("Device"), "registered"), "200": _json(_ref("Device"), "already so"),
+                               "409": _problem("registered with other values, or deleted"), **_PROBLEMS}},
+    }
+    one_ops = {
+        "get": {"summary": "One device (cached)", "security": [{"bearer": []}], "parameters": [_DEVICE_ID],
+                "responses": {"200": _json(_ref("Device"), "the device"), "404": _problem("unknown or deleted"),
+                              **_PROBLEMS}},
+        "patch": {"summary": "Change a device", "security": [{"bearer": []}], "parameters": [_DEVICE_ID, _IF_MATCH],
+                  "requestBody": {"required": True, "content": {"application/json": {"schema": _ref("Change")}}},
+                  "responses": {"200": _json(_ref("Device"), "changed"), "404": _problem("unknown or deleted"),
+                                "412": _problem("If-Match names another version"), **_PROBLEMS}},
+        "delete": {"summary": "Soft-delete a device", "security": [{"bearer": []}],
+                   "parameters": [_DEVICE_ID, _IF_MATCH],
+                   "responses": {"200": _json(_ref("Device"), "deleted"), "404": _problem("unknown or deleted"),
+                                 "412": _problem("If-Match names another version"), **_PROBLEMS}},
+    }
+    telemetry = {"get": {
+        "summary": "Time-bucketed aggregates of a device's measurements", "security": [{"bearer": []}],
+        "parameters": [
+            _DEVICE_ID,
+            {"name": "metric", "in": "query", "schema": {"type": "string", "pattern": f"^{METRIC.pattern}$"}},
+            {"name": "from", "in": "query", "schema": {"type": "string", "format": "date-time"}},
+            {"name": "to", "in": "query", "schema": {"type": "string", "format": "date-time"}},
+            {"name": "bucket", "in": "query", "schema": {"type": "string", "pattern": r"^[1-9][0-9]{0,5}(s|m|h|d)$"}},
+        ],
+        "responses": {"200": _json({"type": "object"}, "buckets"), "404": _problem("unknown or deleted"),
+                      **_PROBLEMS}}}
+    state = {"get": {"summary": "A device as the worker tables hold it (routed to the owner)",
+                     "security": [{"bearer": []}], "parameters": [_DEVICE_ID],
+                     "responses": {"200": _json({"type": "object"}, "the state"),
+                                   "404": _problem("no event applied yet"), **_PROBLEMS}}}
+    ingest = {"post": {"summary": "Telemetry over HTTP (all or nothing)", "security": [{"bearer": []}],
+                       "requestBody": {"required": True, "content": {"application/json": {
+                           "schema": {"type": "array", "minItems": 1, "maxItems": 1000, "items": {"type": "object"}}}}},
+                       "responses": {"202": _json({"type": "object"}, "Kafka has every item"),
+                                     "400": _problem("not a JSON array"), "413": _problem("too many items"),
+                                     **_PROBLEMS}}}
+    accounting = {"get": {"summary": "Fleet accounting (every worker's devices)", "security": [{"bearer": []}],
+                          "parameters": [{"name": "scope", "in": "query", "schema": {"enum": ["local"]}}],
+                          "responses": {"200": _json({"type": "object"}, "totals"), **_PROBLEMS}}}
+    device_accounting = {"get": {"summary": "One device's accounting", "security": [{"bearer": []}],
+                                 "parameters": [_DEVICE_ID],
+                                 "responses": {"200": _json({"type": "object"}, "the account"), **_PROBLEMS}}}
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "iotflow", "version": "1", "description": "Device management and pipeline API "
+                 "served by every iotflow worker. Errors are RFC 7807 problem+json with a request_id."},
+        "paths": {
+            "/api/v1/devices": device_ops,
+            "/api/v1/devices/{device_id}": one_ops,
+            "/api/v1/devices/{device_id}/telemetry": telemetry,
+            "/api/v1/devices/{device_id}/state": state,
+            "/api/v1/ingest": ingest,
+            "/api/v1/pipeline/accounting": accounting,
+            "/api/v1/pipeline/accounting/devices/{device_id}": device_accounting,
+            PATH: {"get": {"summary": "This document", "responses": {"200": _json({"type": "object"}, "it")}}},
+        },
+        "components": {
+            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer", "bearerFormat": "JWT"}},
+            "schemas": {
+                "Registration": {"type": "object", "additionalProperties": False,
+                                 "required": ["id", "name", "type"],
+                                 "properties": {"id": _DEVICE_ID["schema"], **_FIELDS}},
+                "Change": {"type": "object", "additionalProperties": False, "minProperties": 1,
+                           "properties": _FIELDS},
+                "Device": {"type": "object", "required": ["id", "name", "type", "tags", "status", "version"],
+                           "properties": {"id": {"type": "string"}, "name": {"type": "string"},
+                                          "type": {"type": "string"}, "tags": {"type": "array"},
+                                          "firmware_version": {"type": ["string", "null"]},
+                                          "status": {"type": "string"}, "version": {"type": "integer"},
+                                          "created_at": {"type": "string"}, "updated_at": {"type": "string"},
+                                          "last_seen": {"type": ["string", "null"]},
+                                          "deleted_at": {"type": ["string", "null"]}}},
+                "DevicePage": {"type": "object", "required": ["items", "next_cursor"],
+                               "properties": {"items": {"type": "array", "items": _ref("Device")},
+                                              "next_cursor": {"type": ["string", "null"]}}},
+                "Problem": {"type": "object", "required": ["title", "status", "detail", "request_id"],
+                            "properties": {"type": {"type": "string"}, "title": {"type": "string"},
+                                           "status": {"type": "integer"}, "detail": {"type": "string"},
+                                           "instance": {"type": "string"}, "request_id": {"type": "string"},
+                                           "errors": {"type": "array"}}},
+            },
+        },
+    }
+
+
+def register(app: faust.App) -> None:
+    served = document()
+
+    @app.page(PATH)
+    async def openapi(self: View, request: Request) -> Response:
+        return self.json(served)
