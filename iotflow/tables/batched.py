@@ -92,9 +92,6 @@ class TableBatch(Generic[V]):
     def delete(self, partition: int, key: bytes) -> None:
         self._pending[key] = (partition, None)
 
-    def __len__(self) -> int:
-        return len(self._pending)
-
     def take(self) -> dict[bytes, tuple[int, bytes | None]]:
         """Encode the pending writes as one batch; reads still see them until :meth:`write` is done."""
         encode = self.codec.encode
