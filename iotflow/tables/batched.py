@@ -147,7 +147,10 @@ async def warm_changelog_metadata(app: faust.App) -> None:
     while the producer has never produced to the changelog (a fresh worker asked about a key
     before any write). Done once at start, retried until the topics are visible.
     """
-    producer = (await app.maybe_start_producer())._ensure_producer()
+    started = await app.maybe_start_producer()
+    # Under exactly_once the app's producer is Faust's TransactionManager around the plain one,
+    # whose aiokafka producer is what the router asks.
+    producer = getattr(started, "producer", started)._ensure_producer()
     for table in app.tables.values():
         topic = table.changelog_topic.get_topic_name()
         for attempt in itertools.count():
