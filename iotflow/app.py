@@ -115,7 +115,10 @@ def create_app(settings: Settings) -> faust.App:
 
     @app.task
     async def warm_metadata() -> None:
-        await warm_changelog_metadata(app)
+        try:
+            await warm_changelog_metadata(app)
+        except Exception:  # noqa: BLE001 - a warm-up that fails must not take the worker (and ingest) down
+            log.exception("changelog_metadata_warm_up_failed")
 
     openapi.register(app)
     _close_on_stop(app, relay, cache, registry_pool, measurements_pool)
