@@ -90,12 +90,12 @@ def create_app(settings: Settings) -> faust.App:
     if settings.jwt_secret == DEV_JWT_SECRET:
         log.warning("jwt_development_secret", detail="IOTFLOW_JWT_SECRET is the development default: "
                     "anyone can mint tokens; set a secret of your own outside development")
+    registry_pool = _api_pool(settings, settings.pg_dsn)
+    measurements_pool = _api_pool(settings, settings.tsdb_dsn)
+    reader = MeasurementReader(measurements_pool)
     health.register(app)
-    pipeline.register(app, settings, accounts, guard)
+    pipeline.register(app, settings, accounts, reader, guard)
     ingest_views.register(app, settings, guard)
-    registry_pool = LazyPool(settings.pg_dsn, size=settings.pg_pool_size,
-                             connect_timeout_s=settings.pg_connect_timeout_s,
-                             command_timeout_s=settings.pg_command_timeout_s, application_name="iotflow-api")
     registry_table = device_tables.registry(app, settings)
     relay = OutboxRelay(registry_pool, bootstrap=settings.kafka_bootstrap,
                         topic=topics.name(settings, topics.DEVICE_EVENTS), batch_size=settings.outbox_batch_size,
@@ -106,11 +106,7 @@ def create_app(settings: Settings) -> faust.App:
     presence_table = device_tables.presence(app, settings)
     device_agents.register(app, settings, registry_table=registry_table, presence=presence_table,
                            registry=registry, relay=relay, cache=cache)
-    measurements_pool = LazyPool(settings.tsdb_dsn, size=settings.pg_pool_size,
-                                 connect_timeout_s=settings.pg_connect_timeout_s,
-                                 command_timeout_s=settings.pg_command_timeout_s, application_name="iotflow-api")
-    devices.register(app, settings, registry, cache, registry_table, presence_table, latest,
-                     MeasurementReader(measurements_pool), guard)
+    devices.register(app, settings, registry, cache, registry_table, presence_table, latest, reader, guard)
     health.register_readiness(app, registry_pool, cache)
 
     @app.task
@@ -123,6 +119,12 @@ def create_app(settings: Settings) -> faust.App:
     openapi.register(app)
     _close_on_stop(app, relay, cache, registry_pool, measurements_pool)
     return app
+
+
+def _api_pool(settings: Settings, dsn: str) -> LazyPool:
+    """A pool of the API's (and its timers') own, apart from the sink's."""
+    return LazyPool(dsn, size=settings.pg_pool_size, connect_timeout_s=settings.pg_connect_timeout_s,
+                    command_timeout_s=settings.pg_command_timeout_s, application_name="iotflow-api")
 
 
 def _close_on_stop(app: faust.App, relay: OutboxRelay, cache: DeviceCache, *pools: LazyPool) -> None:

@@ -31,6 +31,7 @@ log = structlog.get_logger(__name__)
 
 _PREFIX = "iotflow:device:"
 _TOMBSTONE_TTL_S = 300
+_UNAVAILABLE = object()  # what a Redis call gives when the breaker or Redis refused it
 # Set KEYS[1] to ARGV[2] (a record or a tombstone of version ARGV[1], expiring in ARGV[3] s) unless
 # the key holds something newer: a record of a version >= ARGV[1], or a tombstone of a version
 # > ARGV[1] (a record of exactly the tombstone's version is what the tombstone waits for).
@@ -63,10 +64,10 @@ class DeviceCache:
     async def get(self, device_id: str) -> dict | None:
         """The cached device record, or None (a miss, a tombstone, or Redis unavailable)."""
         raw = await self._call("get", self.client.get(_PREFIX + device_id))
-        if raw is None:
+        if raw is _UNAVAILABLE:
             return None
-        value = json.loads(raw)
-        if value.get("tombstone"):
+        value = json.loads(raw) if raw is not None else None
+        if value is None or value.get("tombstone"):
             metrics.CACHE.labels("miss").inc()
             return None
         metrics.CACHE.labels("hit").inc()
@@ -84,12 +85,13 @@ class DeviceCache:
                                                           args=[version, tombstone, _TOMBSTONE_TTL_S]))
 
     async def _call(self, what: str, command):  # noqa: ANN001 - a redis-py awaitable
+        """The command's result, or :data:`_UNAVAILABLE` (counted) when the breaker or Redis refuses."""
         try:
             self.breaker.check()
         except CircuitOpen:
             command.close()  # the coroutine is not run: close it rather than leave it unawaited
             metrics.CACHE.labels("skipped").inc()
-            return None
+            return _UNAVAILABLE
         try:
             result = await asyncio.wait_for(command, self.timeout_s)
         except (RedisError, OSError, asyncio.TimeoutError) as exc:
@@ -97,10 +99,8 @@ class DeviceCache:
             metrics.CACHE.labels("error").inc()
             log.warning("cache_unavailable", op=what, error=f"{exc.__class__.__name__}: {exc}",
                         breaker=self.breaker.state.value)
-            return None
+            return _UNAVAILABLE
         self.breaker.record_success()
-        if what == "get" and result is None:
-            metrics.CACHE.labels("miss").inc()
         return result
 
     async def ping(self, timeout_s: float) -> None:

@@ -1,4 +1,5 @@
-"""Reading measurements back: time-bucketed aggregates of one device from ``sensor_measurements``.
+"""Reading measurements back from ``sensor_measurements``: time-bucketed aggregates of one device,
+and how many distinct messages of some devices are stored (the accounting's ``stored``).
 
 With the TimescaleDB extension the buckets come from ``time_bucket``; on plain PostgreSQL from
 ``date_bin`` (PostgreSQL 14+). Both align buckets to the same origin (2000-01-03, a Monday, the
@@ -42,3 +43,13 @@ class MeasurementReader:
                 f"GROUP BY bucket, metric ORDER BY bucket, metric", *args)
         return [{"bucket": r["bucket"].isoformat(), "metric": r["metric"], "count": r["n"], "min": r["min"],
                  "max": r["max"], "avg": r["avg"]} for r in rows]
+
+    async def stored_messages(self, device_ids: list[str]) -> int:
+        """Distinct messages of these devices in the database (each device's primary-key range only)."""
+        if not device_ids:
+            return 0
+        pool = await self.pool.get()
+        async with self.pool.acquire(pool) as conn:
+            return int(await conn.fetchval(
+                "SELECT count(*) FROM (SELECT DISTINCT device_id, msg_id FROM sensor_measurements "
+                "WHERE device_id = ANY($1::text[])) s", device_ids))

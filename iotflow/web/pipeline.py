@@ -5,30 +5,21 @@ from __future__ import annotations
 import asyncio
 
 import aiohttp
-import asyncpg
 import faust
 from faust.web import Request, Response, View
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from iotflow.dedup import DeviceAccount
+from iotflow.measurements import MeasurementReader
 from iotflow.settings import Settings
 from iotflow.web.auth import Guard
 
 _COUNTERS = ("received", "accepted", "duplicates", "invalid", "gaps")
 
 
-def register(app: faust.App, settings: Settings, accounts: faust.Table, guard: Guard) -> None:
-    async def stored_messages(device_ids: list[str]) -> int:
-        """Distinct messages of these devices in the database (each device's primary-key range only)."""
-        if not device_ids:
-            return 0
-        conn = await asyncpg.connect(settings.tsdb_dsn, timeout=settings.pg_connect_timeout_s)
-        try:
-            return int(await conn.fetchval(
-                "SELECT count(*) FROM (SELECT DISTINCT device_id, msg_id FROM sensor_measurements "
-                "WHERE device_id = ANY($1::text[])) s", device_ids, timeout=settings.pg_command_timeout_s))
-        finally:
-            await conn.close()
+def register(app: faust.App, settings: Settings, accounts: faust.Table, reader: MeasurementReader,
+             guard: Guard) -> None:
+    stored_messages = reader.stored_messages
 
     async def local_totals() -> dict[str, int]:
         """This worker's devices (the accounts of its partitions), with their stored messages."""
