@@ -11,16 +11,18 @@ from iotflow import logs, topics
 from iotflow.agents import devices as device_agents, ingest
 from iotflow.cache import DeviceCache, client_for
 from iotflow.dedup import DeviceAccount, LatestValues, Mark
+from iotflow.devices import registry_status
 from iotflow.errors import SettingsError
 from iotflow.ingest import IngestPipeline
 from iotflow.measurements import MeasurementReader
 from iotflow.outbox import OutboxRelay
+from iotflow.parking import ParkingLot
 from iotflow.pg import LazyPool
 from iotflow.registry import DeviceRegistry
 from iotflow.settings import DEV_JWT_SECRET, Settings
 from iotflow.sinks.timescale import MeasurementSink
 from iotflow.tables import devices as device_tables, ingest as ingest_tables
-from iotflow.tables.batched import TableBatch, warm_changelog_metadata
+from iotflow.tables.batched import TableBatch, stored, warm_changelog_metadata
 from iotflow.telemetry import Limits
 from iotflow.transport import Transport
 from iotflow.web import devices, health, ingest as ingest_views, openapi, pipeline
@@ -65,6 +67,7 @@ def create_app(settings: Settings) -> faust.App:
     marks = ingest_tables.marks(app, settings)
     accounts = ingest_tables.accounts(app, settings)
     latest = ingest_tables.latest(app, settings)
+    registry_table = device_tables.registry(app, settings)
     sink = MeasurementSink(
         settings.tsdb_dsn,
         pool_size=settings.pg_pool_size,
@@ -78,6 +81,9 @@ def create_app(settings: Settings) -> faust.App:
         marks=TableBatch(app, marks, Mark),
         accounts=TableBatch(app, accounts, DeviceAccount),
         latest=TableBatch(app, latest, LatestValues),
+        # Co-partitioned with sensor-data: a device's entry is in its telemetry's partition.
+        device_status=lambda partition, key: registry_status(stored(registry_table, partition, key)),
+        parked=ParkingLot(wait_s=settings.unknown_device_wait_s, max_messages=settings.unknown_device_max_parked),
         limits=Limits(
             max_clock_skew=timedelta(seconds=settings.max_clock_skew_s),
             retention=timedelta(days=settings.retention_days),
@@ -96,7 +102,6 @@ def create_app(settings: Settings) -> faust.App:
     health.register(app)
     pipeline.register(app, settings, accounts, reader, guard)
     ingest_views.register(app, settings, guard)
-    registry_table = device_tables.registry(app, settings)
     relay = OutboxRelay(registry_pool, bootstrap=settings.kafka_bootstrap,
                         topic=topics.name(settings, topics.DEVICE_EVENTS), batch_size=settings.outbox_batch_size,
                         request_timeout_s=settings.kafka_request_timeout_s)

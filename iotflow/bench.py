@@ -6,7 +6,9 @@
 3. (c) the floor: a Faust agent that only acknowledges each event (``iotflow.bench_floor``), with
    iotflow's transport — what Faust's per-event path costs before any work.
 4. The baseline's rows are deleted, then (b) an iotflow worker consumes the same topic: validation,
-   dedup marks and accounts in RocksDB with changelogs, the same sink. Its peak RSS is sampled.
+   the registry check, dedup marks and accounts in RocksDB with changelogs, the same sink. Its
+   peak RSS is sampled. The bench's devices are registered before the preload; the worker's
+   time includes taking their registrations from device-events (its telemetry waits for them).
 5. Latency: at half of (b)'s rate, fresh messages stamped with their send time; p50/p99 of
    (row committed − device ts) from the database.
 
@@ -29,6 +31,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from iotflow import topics
 from iotflow.kafka_admin import ensure_topics
 from iotflow.migrate import migrator
+from iotflow.registry import provision
 from iotflow.settings import Settings
 from iotflow.sinks.timescale import MeasurementSink
 from iotflow.testing import WorkerProcess, free_port, http_get_json, rss_kib
@@ -131,6 +134,9 @@ def run(settings: Settings, messages: int) -> dict[str, object]:
     device_prefix = f"bench{run_id}-"
     asyncio.run(ensure_topics(bench))
     asyncio.run(migrator(bench).up())
+    latency_prefix = f"lat{run_id}-"
+    asyncio.run(provision(bench, [f"{prefix}{i}" for prefix in (device_prefix, latency_prefix) for i in range(DEVICES)],
+                          device_type="bench"))
     asyncio.run(_preload(bench, device_prefix, messages))
 
     raw_rate = asyncio.run(_baseline(bench, messages))
@@ -152,7 +158,6 @@ def run(settings: Settings, messages: int) -> dict[str, object]:
 
             latency_rate = max(1.0, iotflow_rate / 2)
             latency_count = int(latency_rate * 20)
-            latency_prefix = f"lat{run_id}-"
             asyncio.run(_preload(bench, latency_prefix, latency_count, rate=latency_rate))
             deadline = time.monotonic() + 300
             while time.monotonic() < deadline:

@@ -170,8 +170,10 @@ def bridge() -> None:
 @click.option("--seed", type=int, default=0, show_default=True, help="makes every random choice reproducible")
 @click.option("--prefix", default="sim", show_default=True, help="device ids are PREFIX-00000, PREFIX-00001, …")
 @click.option("--summary", type=click.Path(dir_okay=False, writable=True), default=None, help="write the JSON summary here (default: stdout)")
+@click.option("--register/--no-register", default=True, show_default=True,
+              help="provision the fleet in the device registry first (unregistered devices' telemetry waits, then goes to the DLQ)")
 def simulate(devices: int, count: int | None, duration: float | None, rate: float, duplicates: float,
-             malformed: float, seed: int, prefix: str, summary: str | None) -> None:
+             malformed: float, seed: int, prefix: str, summary: str | None, register: bool) -> None:
     """Run a fleet of simulated devices publishing telemetry over MQTT (QoS 1); print what each sent."""
     import json
 
@@ -187,8 +189,12 @@ def simulate(devices: int, count: int | None, duration: float | None, rate: floa
         seed=seed,
         prefix=prefix,
         progress=sys.stderr.isatty() or summary is not None,
+        register=register,
     )
-    result = Fleet(_settings(), config).run()
+    fleet = Fleet(_settings(), config)
+    result = fleet.run()
+    if register:
+        click.echo(f"registered {fleet.registered} new device(s) of {devices}", err=True)
     text = json.dumps(result, indent=2)
     if summary:
         with open(summary, "w") as out:
@@ -196,6 +202,28 @@ def simulate(devices: int, count: int | None, duration: float | None, rate: floa
         click.echo(json.dumps(result["totals"]), err=True)
     else:
         click.echo(text)
+
+
+@main.group()
+def devices() -> None:
+    """Provision devices in the registry (the API does one at a time: POST /api/v1/devices)."""
+
+
+@devices.command("register")
+@click.option("--prefix", required=True, help="device ids are PREFIX-00000, PREFIX-00001, … (as the simulator names them)")
+@click.option("--count", type=click.IntRange(min=1, max=1_000_000), required=True, help="how many devices")
+@click.option("--type", "device_type", default="simulated", show_default=True, help="the devices' type")
+@click.option("--tag", "tags", multiple=True, help="a tag of every device (repeatable)")
+def devices_register(prefix: str, count: int, device_type: str, tags: tuple[str, ...]) -> None:
+    """Register a fleet in one go; devices that exist are left as they are."""
+    from iotflow.registry import provision
+    from iotflow.simulator import device_ids
+
+    try:
+        created = asyncio.run(provision(_settings(), device_ids(prefix, count), device_type=device_type, tags=tags))
+    except IotflowError as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(f"registered {created} new device(s) of {count}")
 
 
 @main.command()

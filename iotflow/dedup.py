@@ -85,6 +85,10 @@ class ExpiryIndex:
         return sum(len(h) for h in self._heaps.values())
 
 
+INVALID = "invalid"  # an account outcome: the payload failed validation
+REJECTED = "rejected"  # an account outcome: valid, but the registry rejects its device
+
+
 @dataclass(slots=True)
 class DeviceAccount:
     """What one device's messages have done so far. ``last_offset`` makes updates replay-safe.
@@ -97,6 +101,7 @@ class DeviceAccount:
     accepted: int = 0
     duplicates: int = 0
     invalid: int = 0
+    rejected: int = 0  # valid, but of a deleted device or one the registry never came to know
     min_seq: int | None = None
     max_seq: int | None = None
     last_offset: int = -1
@@ -113,8 +118,8 @@ class DeviceAccount:
         """A message at or below the last counted offset was counted before a restart replayed it."""
         return offset <= self.last_offset
 
-    def count(self, outcome: Verdict | None, offset: int, now_ms: int, seq: int | None = None) -> None:
-        """Count one more message: ``outcome`` None means invalid.
+    def count(self, outcome: Verdict | str, offset: int, now_ms: int, seq: int | None = None) -> None:
+        """Count one more message: a dedup :class:`Verdict`, or ``INVALID`` / ``REJECTED``.
 
         Only messages not :meth:`already_counted` are counted, so a REPLAY here is a message whose
         mark was made but whose first pass was never counted (a crash between the two writes):
@@ -123,12 +128,14 @@ class DeviceAccount:
         self.received += 1
         self.last_offset = offset
         self.last_seen_ms = now_ms
-        if outcome is None:
+        if outcome == INVALID:
             self.invalid += 1
+        elif outcome == REJECTED:
+            self.rejected += 1
         elif outcome is Verdict.DUPLICATE:
             self.duplicates += 1
         else:
-            assert seq is not None
+            assert seq is not None and isinstance(outcome, Verdict), outcome
             self.accepted += 1
             self.min_seq = seq if self.min_seq is None or seq < self.min_seq else self.min_seq
             self.max_seq = seq if self.max_seq is None or seq > self.max_seq else self.max_seq

@@ -9,6 +9,7 @@ import base64
 import binascii
 import re
 from dataclasses import dataclass, field
+from enum import Enum
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -263,6 +264,22 @@ class RegistryEntry:
     def decode(cls, raw: bytes) -> RegistryEntry:
         value = msgspec.json.decode(raw)
         return cls(value["device"], int(value["seq"]), int(value["events"]))
+
+
+class DeviceStatus(Enum):
+    """What the registry table says of a device, for its telemetry (values name DLQ kinds)."""
+
+    REGISTERED = "registered"
+    DELETED = "deleted_device"
+    UNKNOWN = "unknown"  # not (yet) in the registry: its telemetry waits for the registration
+    UNKNOWN_DEVICE = "unknown_device"  # waited as long as it may: its telemetry goes to the DLQ
+
+
+def registry_status(raw: bytes | None) -> DeviceStatus:
+    """The status of a device from its registry table value (None: no entry)."""
+    if raw is None:
+        return DeviceStatus.UNKNOWN
+    return DeviceStatus.DELETED if RegistryEntry.decode(raw).deleted else DeviceStatus.REGISTERED
 
 
 def apply_event(entry: RegistryEntry | None, event: dict[str, Any]) -> RegistryEntry | None:

@@ -29,8 +29,12 @@ import structlog
 from faust.types import EventT
 
 from iotflow import metrics
-from iotflow.dedup import DeviceAccount, ExpiryIndex, LatestValues, Mark, Verdict, dedup_key, verdict
+from iotflow.dedup import (
+    INVALID, REJECTED, DeviceAccount, ExpiryIndex, LatestValues, Mark, Verdict, dedup_key, verdict,
+)
+from iotflow.devices import DeviceStatus
 from iotflow.errors import InvalidPayload, SinkRejected
+from iotflow.parking import ParkingLot
 from iotflow.sinks.timescale import MeasurementSink, Row
 from iotflow.tables.batched import TableBatch, write_all
 from iotflow.telemetry import Limits, parse
@@ -56,6 +60,8 @@ class IngestPipeline:
         marks: TableBatch[Mark],
         accounts: TableBatch[DeviceAccount],
         latest: TableBatch[LatestValues],
+        device_status: Callable[[int, bytes], DeviceStatus],
+        parked: ParkingLot[EventT],
         limits: Limits,
         batch_size: int,
         dedup_window_s: float,
@@ -66,6 +72,8 @@ class IngestPipeline:
         self.marks = marks
         self.accounts = accounts
         self.latest = latest
+        self.device_status = device_status
+        self._parked = parked
         self.limits = limits
         self.batch_size = batch_size
         self.window_ms = int(dedup_window_s * 1000)
@@ -75,7 +83,9 @@ class IngestPipeline:
         self._pending: list[_Pending] = []
         self._pending_rows = 0
         self._flush_lock = asyncio.Lock()
+        self._order = asyncio.Lock()  # one message decided at a time: the agent's and the timer's
         metrics.DEDUP_MARKS.set_function(lambda: len(self.marks.table))
+        metrics.PARKED.set_function(lambda: len(self._parked))
 
     def on_partitions_assigned(self, assigned_partitions: set[int]) -> None:
         """Rebuild the expiry index at the next event: restored marks must expire too."""
@@ -96,14 +106,43 @@ class IngestPipeline:
 
     async def handle(self, event: EventT) -> None:
         """Decide what one message is, queue its rows and table writes; flush when the batch is full."""
+        async with self._order:
+            message = event.message
+            partition = message.partition
+            now_ms = int(self.clock() * 1000)
+            if not self._indexed:
+                self._index_restored_marks()
+            self._expire(partition, now_ms)
+            await self._release_due(now_ms)
+            while self._parked.full:
+                # Backpressure: take no more until waiting devices are settled (registered, or
+                # out of time); Kafka keeps the backlog meanwhile.
+                due = self._parked.next_due_ms()
+                await asyncio.sleep(max(0.0, (due or now_ms) - now_ms) / 1000 + 0.001)
+                now_ms = int(self.clock() * 1000)
+                await self._release_due(now_ms)
+                await self.flush()  # the timer's flush waits for this lock meanwhile
+            device_key: bytes = message.key or b""
+            if self._parked.holds(device_key):
+                # Behind its device's waiting messages, invalid ones too: a device's messages are
+                # counted in offset order (its account is replay-safe by offset).
+                self._park(device_key, event, now_ms)
+            else:
+                await self._decide(event, now_ms, self.device_status)
+            if self._pending_rows >= self.batch_size or len(self._pending) >= 4 * self.batch_size:
+                await self.flush()
+
+    async def tick(self) -> None:
+        """On the timer: settle the waiting devices whose time has come, then flush."""
+        async with self._order:
+            await self._release_due(int(self.clock() * 1000))
+        await self.flush()
+
+    async def _decide(self, event: EventT, now_ms: int, status_of: Callable[[int, bytes], DeviceStatus]) -> None:
         message = event.message
         partition = message.partition
-        now_ms = int(self.clock() * 1000)
-        if not self._indexed:
-            self._index_restored_marks()
-        self._expire(partition, now_ms)
         device_key: bytes = message.key or b""
-        account = self.accounts.get(device_key) or DeviceAccount()
+        account = self.accounts.get(partition, device_key) or DeviceAccount()
         counted = account.already_counted(message.offset)
         pending = _Pending(event)
         try:
@@ -114,30 +153,67 @@ class IngestPipeline:
                 )
         except InvalidPayload as exc:
             pending.dlq = await self._send_to_dlq(event, "invalid", exc.field, str(exc))
-            if not counted:
-                account.count(None, message.offset, now_ms)
-                self.accounts.set(partition, device_key, account)
-            metrics.MESSAGES_BY_OUTCOME["invalid"].inc()
+            outcome: Verdict | str = INVALID
         else:
-            key = dedup_key(telemetry.device_id, telemetry.msg_id)
-            outcome = verdict(self.marks.get(key), partition, message.offset)
-            if outcome is Verdict.NEW:
-                mark = Mark(partition, message.offset, now_ms)
-                self.marks.set(partition, key, mark)
-                self._expiry.add(key, mark)
-            if outcome is not Verdict.DUPLICATE:
-                pending.rows = telemetry.rows()
-                values = self.latest.get(device_key) or LatestValues()
-                values.update(telemetry.metrics, int(telemetry.time.timestamp() * 1000))
-                self.latest.set(partition, device_key, values)
-            if not counted:
-                account.count(outcome, message.offset, now_ms, telemetry.seq)
-                self.accounts.set(partition, device_key, account)
-            metrics.MESSAGES_BY_OUTCOME[outcome.value if not counted else "replay"].inc()
+            status = status_of(partition, device_key)
+            if status is DeviceStatus.UNKNOWN:
+                self._park(device_key, event, now_ms)
+                return
+            if status is not DeviceStatus.REGISTERED:
+                reason = (f"device {telemetry.device_id!r} was deleted" if status is DeviceStatus.DELETED else
+                          f"device {telemetry.device_id!r} is not registered "
+                          f"(waited {self._parked.wait_ms / 1000:g} s for its registration)")
+                pending.dlq = await self._send_to_dlq(event, status.value, "device_id", reason)
+                outcome = REJECTED
+            else:
+                key = dedup_key(telemetry.device_id, telemetry.msg_id)
+                outcome = verdict(self.marks.get(partition, key), partition, message.offset)
+                if outcome is Verdict.NEW:
+                    mark = Mark(partition, message.offset, now_ms)
+                    self.marks.set(partition, key, mark)
+                    self._expiry.add(key, mark)
+                if outcome is not Verdict.DUPLICATE:
+                    pending.rows = telemetry.rows()
+                    values = self.latest.get(partition, device_key) or LatestValues()
+                    values.update(telemetry.metrics, int(telemetry.time.timestamp() * 1000))
+                    self.latest.set(partition, device_key, values)
+        if not counted:
+            account.count(outcome, message.offset, now_ms, None if outcome in (INVALID, REJECTED) else telemetry.seq)
+            self.accounts.set(partition, device_key, account)
+        metrics.MESSAGES_BY_OUTCOME[_outcome_label(outcome) if not counted else "replay"].inc()
         self._pending.append(pending)
         self._pending_rows += len(pending.rows)
-        if self._pending_rows >= self.batch_size or len(self._pending) >= 4 * self.batch_size:
-            await self.flush()
+
+    def _park(self, device_key: bytes, event: EventT, now_ms: int) -> None:
+        self._parked.park(device_key, event.message.partition, event, now_ms)
+        metrics.MESSAGES_BY_OUTCOME["parked"].inc()
+
+    async def _release_due(self, now_ms: int) -> None:
+        """Ask the registry again about waiting devices whose backoff has passed; settle the
+        registered, the deleted and those out of time (every table read names its partition, so
+        this may run while an event of any partition is handled)."""
+        parked = self._parked
+        for device_key in parked.due(now_ms):
+            status = self.device_status(parked.partition_of(device_key), device_key)
+            if status is DeviceStatus.UNKNOWN:
+                if not parked.expired(device_key, now_ms):
+                    parked.retry_later(device_key, now_ms)
+                    continue
+                status = DeviceStatus.UNKNOWN_DEVICE
+            await self._settle(device_key, now_ms, status)
+            if self._pending_rows >= self.batch_size:
+                await self.flush()
+
+    async def _settle(self, device_key: bytes, now_ms: int, status: DeviceStatus) -> None:
+        for event in self._parked.release(device_key):
+            await self._decide(event, now_ms, lambda _partition, _key: status)
+
+    def forget_partitions(self, revoked: set[int]) -> None:
+        """Waiting messages of revoked partitions were never acknowledged: the next owner reads
+        them again from Kafka."""
+        dropped = self._parked.forget_partitions(revoked)
+        if dropped:
+            log.info("unknown_device_messages_left_to_next_owner", messages=dropped)
 
     async def _send_to_dlq(self, event: EventT, kind: str, field_name: str, reason: str) -> Awaitable[object]:
         message = event.message
@@ -188,3 +264,7 @@ class IngestPipeline:
             except SinkRejected as exc:
                 await (await self._send_to_dlq(pending.event, "rejected", "rows", str(exc)))
         return stored
+
+
+def _outcome_label(outcome: Verdict | str) -> str:
+    return outcome.value if isinstance(outcome, Verdict) else outcome

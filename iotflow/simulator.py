@@ -5,13 +5,16 @@ with ``seq`` increasing by one and a fresh ``msg_id`` per message; a fraction of
 sent twice byte for byte (a device retry) and a fraction of extra, malformed payloads are mixed
 in (they take no ``seq``, so a perfect pipeline shows no gaps). While disconnected a device
 keeps its messages in paho's local queue and sends them on reconnect; reconnects wait with
-exponential backoff and full jitter. Everything random comes from ``--seed``.
+exponential backoff and full jitter. Everything random comes from ``--seed``. Before the first
+message the fleet is provisioned in the device registry (``--no-register`` leaves it unknown:
+its telemetry then waits for a registration and goes to the DLQ as ``unknown_device``).
 
 The returned summary says, per device, what was sent: it is what the accounting is checked
 against.
 """
 from __future__ import annotations
 
+import asyncio
 import json
 import random
 from collections import deque
@@ -24,6 +27,7 @@ from urllib.parse import urlsplit
 import paho.mqtt.client as mqtt
 
 from iotflow.backoff import full_jitter
+from iotflow.registry import provision
 from iotflow.settings import Settings
 
 MALFORMED_KINDS = (
@@ -54,6 +58,7 @@ class FleetConfig:
     prefix: str = "sim"
     heartbeat_s: float = 30.0
     buffer_size: int = 100_000  # messages a disconnected device keeps locally
+    register: bool = True  # provision the fleet in the device registry before the first message
     progress: bool = False
 
 
@@ -92,14 +97,20 @@ def malformed_payload(kind: str, device_id: str, rng: random.Random, now_ms: int
     raise ValueError(kind)
 
 
+def device_ids(prefix: str, count: int) -> list[str]:
+    """The ids of a simulated fleet: PREFIX-00000, PREFIX-00001, …"""
+    return [f"{prefix}-{i:05d}" for i in range(count)]
+
+
 class Fleet:
     def __init__(self, settings: Settings, config: FleetConfig) -> None:
         self.settings = settings
         self.config = config
+        self.registered = 0  # devices this run added to the registry
         self.url = urlsplit(settings.mqtt_url)
         master = random.Random(config.seed)
-        self.devices = [self._device(f"{config.prefix}-{i:05d}", random.Random(master.getrandbits(64)))
-                        for i in range(config.devices)]
+        self.devices = [self._device(device_id, random.Random(master.getrandbits(64)))
+                        for device_id in device_ids(config.prefix, config.devices)]
 
     def _device(self, device_id: str, rng: random.Random) -> _Device:
         client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=device_id, clean_session=False,
@@ -172,6 +183,9 @@ class Fleet:
     def run(self) -> dict[str, object]:
         """Connect, publish until the count or the duration is reached, wait for PUBACKs, disconnect."""
         cfg = self.config
+        if cfg.register:
+            self.registered = asyncio.run(provision(
+                self.settings, [d.report.device_id for d in self.devices], device_type="simulated"))
         self.connect()
         started = time.monotonic()
         interval = 1.0 / cfg.rate_per_device

@@ -24,6 +24,7 @@ import asyncpg
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
 from iotflow import auth, topics
+from iotflow.registry import provision
 from iotflow.settings import Settings
 
 READY_LINE = "Worker ready"
@@ -141,6 +142,14 @@ class WorkerProcess:
             time.sleep(0.2)
         raise TimeoutError(f"worker not ready within {timeout}s:\n{self.log_text()[-4000:]}")
 
+    def wait_registered(self, devices: list[str], timeout: float = 90.0) -> None:
+        """Until this worker's registry table knows every device in ``devices`` (``/state`` answers)."""
+        viewer = self.bearer()
+        for device_id in devices:
+            known = wait_for(lambda: http_get_json(f"{self.url}/api/v1/devices/{device_id}/state",
+                                                   headers=viewer)[0] == 200, timeout=timeout)
+            assert known, f"{device_id} did not reach the registry table within {timeout} s"
+
     def terminate(self, timeout: float = 15.0) -> int:
         """SIGTERM, as an operator or an orchestrator stops a worker; return the exit code."""
         return self._stop(signal.SIGTERM, timeout)
@@ -168,6 +177,12 @@ def telemetry(device_id: str, seq: int, *, metrics: dict[str, float] | None = No
     """A valid telemetry payload as a device sends it (msg_id derived from device and seq)."""
     return json.dumps({"device_id": device_id, "msg_id": f"{device_id}-{seq}", "seq": seq,
                        "ts": int(time.time() * 1000), "metrics": metrics or {"temp": 20.5, "hum": 40.0}}).encode()
+
+
+async def register(settings: Settings, devices: list[str]) -> int:
+    """Register ``devices`` in the registry (their events reach this test's worker through its
+    outbox relay); telemetry of unregistered devices waits, then goes to the DLQ as unknown_device."""
+    return await provision(settings, devices, device_type="test")
 
 
 async def produce(settings: Settings, messages: Iterable[tuple[bytes, bytes]]) -> int:

@@ -46,7 +46,7 @@ def register(app: faust.App, settings: Settings, *, registry_table: faust.Table,
     seen = TableBatch(app, presence, _Millis)
 
     async def lifecycle(partition: int, key: bytes, value: bytes) -> None:
-        entry = apply_event(entries.get(key), msgspec.json.decode(value))
+        entry = apply_event(entries.get(partition, key), msgspec.json.decode(value))
         if entry is None:
             metrics.DEVICE_EVENTS.labels("duplicate").inc()
             return
@@ -58,7 +58,7 @@ def register(app: faust.App, settings: Settings, *, registry_table: faust.Table,
 
     async def heartbeat(partition: int, key: bytes, value: bytes, timestamp_s: float) -> None:
         seen_ms = heartbeat_seen_ms(key, value, int(timestamp_s * 1000))
-        held = seen.get(key)
+        held = seen.get(partition, key)
         if held is None or held < seen_ms:
             seen.set(partition, key, seen_ms)
             await write_all((seen, seen.take()))

@@ -39,7 +39,7 @@ def register(app: faust.App, settings: Settings, pipeline: IngestPipeline, sink:
 
     @app.timer(settings.sink_flush_interval_s, name="iotflow.ingest.flush")
     async def flush_on_time() -> None:
-        await pipeline.flush()
+        await pipeline.tick()
 
     @app.timer(3600.0, name="iotflow.partitions", on_leader=True)
     async def partition_upkeep() -> None:
@@ -53,6 +53,7 @@ def register(app: faust.App, settings: Settings, pipeline: IngestPipeline, sink:
     @app.on_partitions_revoked.connect
     async def on_revoked(app: faust.App, revoked: set, **kwargs: object) -> None:
         await pipeline.flush()
+        pipeline.forget_partitions({tp.partition for tp in revoked if tp.topic == source})
 
     @app.on_partitions_assigned.connect
     async def on_assigned(app: faust.App, assigned: set, **kwargs: object) -> None:

@@ -65,8 +65,8 @@ class TableBatch(Generic[V]):
         self._pending: dict[bytes, tuple[int, V | None]] = {}
         self._in_flight: dict[bytes, tuple[int, bytes | None]] = {}
 
-    def get(self, key: bytes) -> V | None:
-        """The value as the batches so far leave it; the table is read in the current event's partition.
+    def get(self, partition: int, key: bytes) -> V | None:
+        """The value as the batches so far leave it, read from the table's ``partition``.
 
         A pending value is returned as the very object that was set, so a caller may update it in
         place and set it again.
@@ -74,17 +74,8 @@ class TableBatch(Generic[V]):
         pending = self._pending.get(key)
         if pending is not None:
             return pending[1]
-        raw = self._in_flight[key][1] if key in self._in_flight else self._stored(key)
+        raw = self._in_flight[key][1] if key in self._in_flight else stored(self.table, partition, key)
         return None if raw is None else self.codec.decode(raw)
-
-    def _stored(self, key: bytes) -> bytes | None:
-        # The store's own read (RocksDB: in the current event's partition). ``table.get`` would
-        # look the key up twice (``in``, then the value) and call the table's sensors on the way.
-        # The memory store keeps the bytes in a plain dict.
-        store = self.table.data
-        if isinstance(store, SerializedStore):
-            return store._get(key)
-        return store.data.get(key)
 
     def set(self, partition: int, key: bytes, value: V) -> None:
         self._pending[key] = (partition, value)
@@ -125,6 +116,20 @@ class TableBatch(Generic[V]):
                                     None, key, value, None, tp=TP(topic, meta.topic_partition.partition)))
             for (key, (_, value)), meta in zip(batch.items(), results)
         ]
+
+
+def stored(table: faust.Table, partition: int, key: bytes) -> bytes | None:
+    """What the local store holds for ``key`` in ``partition`` (None: nothing).
+
+    Read from the named partition, whatever event the caller is handling: Faust's RocksDB store
+    reads the *current event's* partition (and only that one) when there is a current event, and
+    ``table.get`` would look the key up twice and call the table's sensors on the way. The memory
+    store keeps the bytes of every partition in one plain dict.
+    """
+    store = table.data
+    if isinstance(store, SerializedStore):
+        return store._db_for_partition(partition).get(key)
+    return store.data.get(key)
 
 
 async def write_all(*writes: tuple[TableBatch, dict[bytes, tuple[int, bytes | None]]]) -> None:

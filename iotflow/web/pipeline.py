@@ -1,4 +1,4 @@
-"""``/api/v1/pipeline/accounting``: end-to-end accounting (C-01) — received, duplicates, invalid,
+"""``/api/v1/pipeline/accounting``: end-to-end accounting (C-01) — received, duplicates, invalid, rejected,
 stored and gaps, for the fleet and per device — and ``/metrics`` for Prometheus."""
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from iotflow.measurements import MeasurementReader
 from iotflow.settings import Settings
 from iotflow.web.auth import Guard
 
-_COUNTERS = ("received", "accepted", "duplicates", "invalid", "gaps")
+_COUNTERS = ("received", "accepted", "duplicates", "invalid", "rejected", "gaps")
 
 
 def register(app: faust.App, settings: Settings, accounts: faust.Table, reader: MeasurementReader,

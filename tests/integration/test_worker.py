@@ -17,6 +17,7 @@ from iotflow.testing import (
     http_json,
     produce,
     produce_telemetry,
+    register,
     stored_messages,
     telemetry,
     wait_for,
@@ -55,8 +56,11 @@ def received(accounts: dict[str, dict]) -> dict[str, int]:
 
 
 @pytest.fixture
-def devices(run_id: str) -> list[str]:
-    return [f"dev-{run_id}-{i}" for i in range(20)]
+def devices(settings, run_id: str) -> list[str]:
+    """Registered devices: the worker stores telemetry of registered devices only."""
+    ids = [f"dev-{run_id}-{i}" for i in range(20)]
+    asyncio.run(register(settings, ids))
+    return ids
 
 
 def test_liveness_answers_200_and_readiness_checks_each_dependency(start_worker):
@@ -229,3 +233,62 @@ def test_dedup_marks_restored_after_a_restart_still_expire(settings, start_worke
         seq += 1
         time.sleep(0.5)
     assert metric_value(second, "iotflow_dedup_marks_expired_total") >= 25 * len(devices)
+
+
+def dlq_kinds(settings) -> dict[bytes, list]:
+    found: dict[bytes, list] = {}
+    for record in asyncio.run(dlq_messages(settings)):
+        found.setdefault(dict(record.headers)["iotflow-error"], []).append(record)
+    return found
+
+
+def test_telemetry_of_a_deleted_device_is_rejected_counted_and_kept_in_the_dlq(settings, start_worker, devices, run_id):
+    worker = start_worker()
+    worker.wait_ready()
+    gone, live = devices[0], devices[1]
+    worker.wait_registered([gone, live])
+    status, _, body = http_json("DELETE", f"{worker.url}/api/v1/devices/{gone}", headers=worker.bearer("admin"))
+    assert status == 200, body
+    deleted = wait_for(lambda: http_get_json(f"{worker.url}/api/v1/devices/{gone}/state",
+                                             headers=worker.bearer())[1].get("deleted"), timeout=30)
+    assert deleted, "the deletion did not reach the registry table"
+
+    sent = [(d.encode(), telemetry(d, seq)) for seq in range(10) for d in (gone, live)]
+    asyncio.run(produce(settings, sent))
+    accounts = wait_until_received(worker, {gone: 10, live: 10})
+    assert (accounts[gone]["rejected"], accounts[gone]["accepted"], accounts[gone]["stored"]) == (10, 0, 0)
+    assert (accounts[live]["rejected"], accounts[live]["accepted"]) == (0, 10)
+    assert wait_until_stored(worker, {live: 10})[live]["stored"] == 10
+    assert asyncio.run(stored_messages(settings, gone))[1] == 0
+
+    rejected = dlq_kinds(settings)[b"deleted_device"]
+    assert sorted(r.value for r in rejected) == sorted(v for k, v in sent if k == gone.encode())  # the original bytes
+    headers = dict(rejected[0].headers)
+    assert headers["iotflow-field"] == b"device_id" and gone.encode() in headers["iotflow-reason"]
+
+
+def test_a_device_registered_after_its_first_messages_loses_nothing_and_an_unknown_one_goes_to_the_dlq(
+    settings, start_worker, run_id
+):
+    # The seed's registration race: telemetry waits (unacknowledged) for its device's registration.
+    late, never = f"late-{run_id}", f"never-{run_id}"
+    worker = start_worker(IOTFLOW_UNKNOWN_DEVICE_WAIT_S="15")
+    worker.wait_ready()
+    sent = {d: [(d.encode(), telemetry(d, seq)) for seq in range(10)] for d in (late, never)}
+    sent[late].append((late.encode(), b"not json"))  # waits behind its device's valid messages too
+    started = time.monotonic()
+    asyncio.run(produce(settings, sent[late] + sent[never]))
+    assert wait_for(lambda: metric_value(worker, "iotflow_ingest_parked_messages") == 21, timeout=30)
+    asyncio.run(register(settings, [late]))
+
+    accounts = wait_until_stored(worker, {late: 10})
+    assert (accounts[late]["accepted"], accounts[late]["gaps"]) == (10, 0)
+    assert asyncio.run(stored_messages(settings, late)) == (20, 10)
+    accounts = wait_until_received(worker, {late: 11, never: 10}, timeout=60)
+    assert accounts[late]["invalid"] == 1
+    assert (accounts[never]["rejected"], accounts[never]["stored"]) == (10, 0)
+    assert time.monotonic() - started >= 15  # the unknown device was given its whole wait
+    kinds = dlq_kinds(settings)
+    assert sorted(r.value for r in kinds[b"unknown_device"]) == sorted(v for _, v in sent[never])
+    assert [r.value for r in kinds[b"invalid"]] == [b"not json"]
+    assert metric_value(worker, "iotflow_ingest_parked_messages") == 0

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from iotflow.simulator import Fleet, FleetConfig
-from iotflow.testing import http_get_json, http_json, produce, rss_kib, stored_messages, telemetry, wait_for
+from iotflow.testing import http_get_json, http_json, produce, register, rss_kib, stored_messages, telemetry, wait_for
 from tests.integration.test_mqtt_path import start_bridge, wait_for_log
 
 IOTFLOW = Path(sys.executable).with_name("iotflow")
@@ -53,6 +53,8 @@ def test_the_database_stopped_for_30_seconds_costs_nothing_and_memory_stays_boun
     worker.wait_ready()
     devices = [f"db-{run_id}-{i}" for i in range(20)]
     prefix = f"db-{run_id}-"
+    asyncio.run(register(settings, devices))
+    worker.wait_registered(devices)  # the outage below would hold registrations back in the outbox
     first = [(d.encode(), telemetry(d, seq)) for seq in range(250) for d in devices]
     asyncio.run(produce(settings, first))
     assert wait_for(lambda: asyncio.run(stored_messages(settings, prefix))[1] > 1000, timeout=120)

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from iotflow.testing import http_get_json, produce, stored_messages, telemetry, wait_for
+from iotflow.testing import http_get_json, produce, register, stored_messages, telemetry, wait_for
 
 DEVICES = 50
 PER_DEVICE = 2000  # 100,000 messages
@@ -22,7 +22,7 @@ def test_three_kill_9s_during_a_run_lose_nothing_and_store_nothing_twice(setting
     prefix = f"crash-{run_id}-"
     originals = [(d.encode(), telemetry(d, seq)) for seq in range(PER_DEVICE) for d in devices]
     retries = originals[::DUPLICATE_EVERY]
-    asyncio.run(produce(settings, originals + retries))
+    asyncio.run(register(settings, devices))
 
     def stored() -> int:
         return asyncio.run(stored_messages(settings, prefix))[1]
@@ -33,6 +33,11 @@ def test_three_kill_9s_during_a_run_lose_nothing_and_store_nothing_twice(setting
         worker = start_worker(fresh_state=(kill == 1), **({"IOTFLOW_WEB_PORT": port} if port else {}))
         port = str(worker.web_port)
         worker.wait_ready()
+        if kill == 0:
+            # The fleet is in the registry table before its 100,000 messages arrive (else they
+            # would wait for it, and past the parking bound go to the DLQ as unknown devices).
+            worker.wait_registered(devices)
+            asyncio.run(produce(settings, originals + retries))
         before = stored()
         wait_for(lambda: stored() > before + 2000, timeout=120)
         time.sleep(rng.uniform(0.0, 3.0))

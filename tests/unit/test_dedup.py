@@ -2,7 +2,7 @@ from __future__ import annotations
 
 from hypothesis import given, settings, strategies as st
 
-from iotflow.dedup import DeviceAccount, ExpiryIndex, LatestValues, Mark, Verdict, dedup_key, verdict
+from iotflow.dedup import INVALID, REJECTED, DeviceAccount, ExpiryIndex, LatestValues, Mark, Verdict, dedup_key, verdict
 
 
 def test_the_first_message_with_a_msg_id_is_new():
@@ -60,13 +60,19 @@ def test_an_account_counts_each_kind_of_message():
     account = DeviceAccount()
     account.count(Verdict.NEW, offset=0, now_ms=1, seq=5)
     account.count(Verdict.DUPLICATE, offset=1, now_ms=2)
-    account.count(None, offset=2, now_ms=3)
+    account.count(INVALID, offset=2, now_ms=3)
     account.count(Verdict.NEW, offset=3, now_ms=4, seq=8)
-    assert (account.received, account.accepted, account.duplicates, account.invalid) == (4, 2, 1, 1)
+    account.count(REJECTED, offset=4, now_ms=5)
+    assert (account.received, account.accepted, account.duplicates, account.invalid, account.rejected) == (5, 2, 1, 1, 1)
     assert (account.min_seq, account.max_seq, account.gaps) == (5, 8, 2)  # seqs 6 and 7 never came
-    assert account.already_counted(3) and not account.already_counted(4)
+    assert account.already_counted(4) and not account.already_counted(5)
     assert DeviceAccount.decode(account.encode()) == account
     assert DeviceAccount.decode(None) == DeviceAccount()
+
+
+def test_an_account_written_before_rejections_were_counted_still_reads():
+    old = b'{"received":3,"accepted":3,"duplicates":0,"invalid":0,"min_seq":0,"max_seq":2,"last_offset":2,"last_seen_ms":9}'
+    assert DeviceAccount.decode(old) == DeviceAccount(3, 3, 0, 0, 0, 0, 2, 2, 9)
 
 
 def test_a_replayed_message_that_was_never_counted_counts_as_accepted():
