@@ -7,12 +7,15 @@ arrived in the database and in the DLQ.
 """
 from __future__ import annotations
 
+import collections
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -22,6 +25,7 @@ from typing import Any
 
 import asyncpg
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka.admin import AIOKafkaAdminClient
 
 from iotflow import auth, topics
 from iotflow.registry import provision
@@ -150,8 +154,9 @@ class WorkerProcess:
                                                    headers=viewer)[0] == 200, timeout=timeout)
             assert known, f"{device_id} did not reach the registry table within {timeout} s"
 
-    def terminate(self, timeout: float = 15.0) -> int:
-        """SIGTERM, as an operator or an orchestrator stops a worker; return the exit code."""
+    def terminate(self, timeout: float = 30.0) -> int:
+        """SIGTERM, as an operator or an orchestrator stops a worker (it drains first,
+        ``IOTFLOW_SHUTDOWN_DRAIN_S``); return the exit code."""
         return self._stop(signal.SIGTERM, timeout)
 
     def kill(self) -> int:
@@ -233,4 +238,58 @@ async def dlq_messages(settings: Settings, timeout_ms: int = 5000) -> list:
             timeout_ms = 1000
     finally:
         await consumer.stop()
+    return found
+
+
+async def committed_offsets(settings: Settings) -> dict[int, int]:
+    """The consumer group's committed offsets of this test's sensor-data, by partition."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap)
+    await admin.start()
+    try:
+        offsets = await admin.list_consumer_group_offsets(settings.app_id)
+    finally:
+        await admin.close()
+    topic = topics.name(settings, topics.SENSOR_DATA)
+    return {tp.partition: found.offset for tp, found in offsets.items() if tp.topic == topic and found.offset >= 0}
+
+
+class ReadLoad:
+    """``threads`` clients reading ``paths`` of a worker in a loop until the block ends; ``statuses``
+    counts the answers (a status code, or the exception's class name)."""
+
+    def __init__(self, worker: WorkerProcess, paths: list[str], *, threads: int = 4) -> None:
+        self.worker, self.paths = worker, paths
+        self.statuses: collections.Counter = collections.Counter()
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=self._read, args=(i,), daemon=True) for i in range(threads)]
+
+    def _read(self, offset: int) -> None:
+        headers, i = self.worker.bearer("viewer"), offset
+        while not self._stop.is_set():
+            try:
+                status = http_json("GET", self.worker.url + self.paths[i % len(self.paths)], headers=headers,
+                                   timeout=5)[0]
+            except OSError as exc:
+                status = exc.__class__.__name__
+            self.statuses[status] += 1
+            i += len(self._threads)
+
+    def __enter__(self) -> ReadLoad:
+        for thread in self._threads:
+            thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(timeout=10)
+
+
+def cache_results(worker: WorkerProcess) -> collections.Counter:
+    """The worker's ``iotflow_cache_requests_total`` by result, from /metrics."""
+    with urllib.request.urlopen(f"{worker.url}/metrics", timeout=5) as response:
+        text = response.read().decode()
+    found: collections.Counter = collections.Counter()
+    for result, value in re.findall(r'iotflow_cache_requests_total\{result="(\w+)"\} ([0-9.e+]+)', text):
+        found[result] = int(float(value))
     return found

@@ -14,6 +14,15 @@ dropping records below the read offset, recording offset gaps for acking topics 
 pass transaction markers and compacted holes), committing every ``broker_commit_every`` acks, and
 yielding to the loop every hundred records.
 
+It also refuses a commit past an offset that was never acknowledged. Faust's ``_new_offset``
+checks the head of the acknowledged offsets against the committed one with an off-by-one
+(``min(acked) - committed > 1``: a single unacknowledged offset right after the committed one is
+passed over) and skips the check while nothing was committed (offset 0 / None). iotflow leaves
+offsets unacknowledged on purpose — telemetry waiting for its device's registration — so a crash
+then would lose them. Here the head must be the committed offset itself (or the first offset
+delivered since the assignment, when nothing was committed), unless recorded gaps (transaction
+markers, compacted holes) cover the offsets between.
+
 Tied to faust-streaming 0.15.x internals (setup.cfg pins ``<0.16``);
 tests/integration/test_worker.py runs every worker through it.
 """
@@ -24,13 +33,47 @@ from typing import Any, cast
 
 from faust.transport.consumer import CONSUMER_FETCHING
 from faust.transport.drivers import aiokafka as faust_aiokafka
+from faust.types import TP
+from intervaltree import IntervalTree
 
 _YIELD_EVERY = 100  # records between chances for other tasks (health checks, timers)
 
 
+def head_blocked(acked_head: int, expected: int | None, gaps: IntervalTree) -> bool:
+    """Whether an offset between ``expected`` (the next offset a commit must cover) and the lowest
+    acknowledged one, ``acked_head``, is neither acknowledged nor a recorded gap — so no commit may
+    advance yet. ``expected`` None: nothing known to compare with (nothing delivered yet)."""
+    if expected is None or acked_head <= expected:
+        return False
+    position = expected
+    for interval in sorted(gaps.overlap(expected, acked_head), key=lambda i: i.begin):
+        if interval.begin > position:
+            return True
+        position = max(position, interval.end)
+    return position < acked_head
+
+
 class Consumer(faust_aiokafka.Consumer):
+    _first_delivered: dict[TP, int]
+
+    def _new_offset(self, tp: TP) -> int | None:
+        acked = self._acked[tp]
+        if acked:
+            expected = self._committed_offset[tp]
+            if expected is None:
+                expected = self._first_delivered.get(tp)
+            if head_blocked(min(acked), expected, self._gap[tp]):
+                return None
+        return super()._new_offset(tp)
+
+    async def perform_seek(self) -> None:
+        self._first_delivered = {}  # a new assignment: reading starts again from the committed offsets
+        await super().perform_seek()
+
     async def _drain_messages(self, fetcher: Any) -> None:  # the fetcher task's loop
         deliver = self.callback
+        if not hasattr(self, "_first_delivered"):
+            self._first_delivered = {}
         suspended = self.suspend_flow
         callback_lock = getattr(self.app.topics, "_tp_to_callback_lock", None)
         read_offsets = self._read_offset
@@ -58,6 +101,8 @@ class Consumer(faust_aiokafka.Consumer):
                         continue  # already delivered before a seek
                     if read and offset - read > 1 and acking(message.topic):
                         await self._add_gap(tp, read + 1, offset)
+                    if tp not in self._first_delivered:
+                        self._first_delivered[tp] = offset
                     if self._commit_every is not None and self._n_acked >= self._commit_every:
                         self._n_acked = 0
                         await self.commit()

@@ -1,0 +1,26 @@
+from __future__ import annotations
+
+from intervaltree import IntervalTree
+
+from iotflow.transport import head_blocked
+
+
+def test_a_single_unacknowledged_offset_right_after_the_committed_one_blocks_the_commit():
+    # Faust's own check (`min(acked) - committed > 1`) lets this one through.
+    assert head_blocked(acked_head=101, expected=100, gaps=IntervalTree())
+
+
+def test_acknowledged_from_the_committed_offset_on_does_not_block():
+    assert not head_blocked(acked_head=100, expected=100, gaps=IntervalTree())
+    assert not head_blocked(acked_head=90, expected=100, gaps=IntervalTree())  # stale acks below
+
+
+def test_recorded_gaps_may_cover_the_offsets_between():
+    gaps = IntervalTree.from_tuples([(100, 103), (103, 105)])  # e.g. transaction markers
+    assert not head_blocked(acked_head=105, expected=100, gaps=gaps)
+    assert head_blocked(acked_head=106, expected=100, gaps=gaps)  # 105 is neither acked nor a gap
+    assert head_blocked(acked_head=105, expected=99, gaps=gaps)  # 99 is neither
+
+
+def test_with_nothing_to_compare_with_nothing_blocks():
+    assert not head_blocked(acked_head=7, expected=None, gaps=IntervalTree())
