@@ -7,7 +7,7 @@ import structlog
 
 from datetime import timedelta
 
-from iotflow import logs, topics
+from iotflow import logs, observability, topics
 from iotflow.agents import devices as device_agents, ingest
 from iotflow.cache import DeviceCache, client_for
 from iotflow.dedup import DeviceAccount, LatestValues, Mark
@@ -25,6 +25,7 @@ from iotflow.tables import devices as device_tables, ingest as ingest_tables
 from iotflow.tables.batched import TableBatch, stored, warm_changelog_metadata
 from iotflow.telemetry import Limits
 from iotflow.transport import Transport
+from iotflow.worker import Worker as DrainingWorker
 from iotflow.web import devices, health, ingest as ingest_views, openapi, pipeline
 from iotflow.web.auth import Guard
 
@@ -62,6 +63,8 @@ def create_app(settings: Settings) -> faust.App:
         # give. Unacknowledged events are replayed by the next owner, harmlessly (invariant 2-3).
         stream_wait_empty=False,
         processing_guarantee=settings.processing_guarantee,
+        # Faust's worker with a drain on SIGTERM (iotflow/worker.py).
+        Worker=type("Worker", (DrainingWorker,), {"drain_s": settings.shutdown_drain_s}),
     )
     app.transport = Transport(app.conf.broker_consumer, app)
     marks = ingest_tables.marks(app, settings)
@@ -113,6 +116,8 @@ def create_app(settings: Settings) -> faust.App:
                            registry=registry, relay=relay, cache=cache)
     devices.register(app, settings, registry, cache, registry_table, presence_table, latest, reader, guard)
     health.register_readiness(app, registry_pool, cache)
+    observability.register(app, settings, ingest_pipeline,
+                           {"sink": sink.pool, "registry": registry_pool, "measurements": measurements_pool})
 
     @app.task
     async def warm_metadata() -> None:

@@ -18,11 +18,13 @@ watch, since absolute numbers move with the machine's load.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import json
 import tempfile
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import asyncpg
@@ -109,17 +111,24 @@ async def _sql(dsn: str, query: str, *args: object) -> list[asyncpg.Record]:
         await conn.close()
 
 
+@contextlib.contextmanager
+def bench_worker(bench: Settings, *, app: str = "iotflow", app_id: str | None = None) -> Iterator[WorkerProcess]:
+    """A ready worker of ``bench``'s topics with a state folder of its own, killed on exit."""
+    with tempfile.TemporaryDirectory(prefix="iotflow-bench-") as state:
+        env = {"IOTFLOW_APP_ID": app_id or bench.app_id, "IOTFLOW_TOPIC_PREFIX": bench.topic_prefix,
+               "IOTFLOW_WEB_PORT": str(free_port()), "IOTFLOW_DATA_DIR": state}
+        with WorkerProcess(env, Path(state) / "worker.log", app=app) as worker:
+            worker.wait_ready(timeout=120)
+            yield worker
+
+
 def _floor_rate(bench: Settings, messages: int) -> float:
     """(c) the floor: a no-op Faust agent on the same topic (a fresh consumer group reads it all)."""
-    with tempfile.TemporaryDirectory(prefix="iotflow-floor-") as state:
-        env = {"IOTFLOW_APP_ID": bench.app_id + "-floor", "IOTFLOW_TOPIC_PREFIX": bench.topic_prefix,
-               "IOTFLOW_WEB_PORT": str(free_port()), "IOTFLOW_DATA_DIR": state}
-        with WorkerProcess(env, Path(state) / "worker.log", app="iotflow.bench_floor") as floor:
-            floor.wait_ready(timeout=120)
-            started = time.monotonic()
-            while http_get_json(f"{floor.url}/bench/floor", timeout=10)[1]["seen"] < messages:
-                time.sleep(0.2)
-            return messages / (time.monotonic() - started)
+    with bench_worker(bench, app="iotflow.bench_floor", app_id=bench.app_id + "-floor") as floor:
+        started = time.monotonic()
+        while http_get_json(f"{floor.url}/bench/floor", timeout=10)[1]["seen"] < messages:
+            time.sleep(0.2)
+        return messages / (time.monotonic() - started)
 
 
 def _received(worker: WorkerProcess) -> int:
@@ -143,30 +152,25 @@ def run(settings: Settings, messages: int) -> dict[str, object]:
     floor_rate = _floor_rate(bench, messages)
     asyncio.run(_sql(bench.tsdb_dsn, "DELETE FROM sensor_measurements WHERE device_id LIKE $1", device_prefix + "%"))
 
-    with tempfile.TemporaryDirectory(prefix="iotflow-bench-") as state:
-        port = free_port()
-        env = {"IOTFLOW_APP_ID": bench.app_id, "IOTFLOW_TOPIC_PREFIX": bench.topic_prefix,
-               "IOTFLOW_WEB_PORT": str(port), "IOTFLOW_DATA_DIR": state}
-        with WorkerProcess(env, Path(state) / "worker.log") as worker:
-            worker.wait_ready(timeout=120)
-            started = time.monotonic()
-            peak = 0
-            while _received(worker) < messages:
-                peak = max(peak, rss_kib(worker.proc.pid))
-                time.sleep(0.5)
-            iotflow_rate = messages / (time.monotonic() - started)
+    with bench_worker(bench) as worker:
+        started = time.monotonic()
+        peak = 0
+        while _received(worker) < messages:
+            peak = max(peak, rss_kib(worker.proc.pid))
+            time.sleep(0.5)
+        iotflow_rate = messages / (time.monotonic() - started)
 
-            latency_rate = max(1.0, iotflow_rate / 2)
-            latency_count = int(latency_rate * 20)
-            asyncio.run(_preload(bench, latency_prefix, latency_count, rate=latency_rate))
-            deadline = time.monotonic() + 300
-            while time.monotonic() < deadline:
-                done = asyncio.run(_sql(bench.tsdb_dsn, "SELECT count(*) AS n FROM sensor_measurements WHERE device_id LIKE $1",
-                                        latency_prefix + "%"))[0]["n"]
-                if done >= latency_count:
-                    break
-                time.sleep(0.5)
-            worker.terminate()
+        latency_rate = max(1.0, iotflow_rate / 2)
+        latency_count = int(latency_rate * 20)
+        asyncio.run(_preload(bench, latency_prefix, latency_count, rate=latency_rate))
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            done = asyncio.run(_sql(bench.tsdb_dsn, "SELECT count(*) AS n FROM sensor_measurements WHERE device_id LIKE $1",
+                                    latency_prefix + "%"))[0]["n"]
+            if done >= latency_count:
+                break
+            time.sleep(0.5)
+        worker.terminate()
     p = asyncio.run(_sql(
         bench.tsdb_dsn,
         "SELECT percentile_cont(0.5) WITHIN GROUP (ORDER BY d) AS p50, percentile_cont(0.99) WITHIN GROUP (ORDER BY d) AS p99 "

@@ -16,8 +16,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+from urllib.parse import urlsplit
 
 import redis.asyncio as redis
+from redis.asyncio.sentinel import Sentinel
 import structlog
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
@@ -103,6 +105,21 @@ class DeviceCache:
         self.breaker.record_success()
         return result
 
+    async def flush(self, batch: int = 500) -> int:
+        """Delete every cached device record and tombstone (SCAN + UNLINK, ``batch`` keys at a time;
+        other keys of the database are left alone); returns how many. Reads refill the cache from
+        PostgreSQL. Runs past the breaker: it is an operator's command, and fails loudly."""
+        removed = 0
+        keys: list[bytes] = []
+        async for key in self.client.scan_iter(match=_PREFIX + "*", count=batch):
+            keys.append(key)
+            if len(keys) >= batch:
+                removed += await self.client.unlink(*keys)
+                keys = []
+        if keys:
+            removed += await self.client.unlink(*keys)
+        return removed
+
     async def ping(self, timeout_s: float) -> None:
         """Raise unless Redis answers PING within ``timeout_s`` (past the breaker: what it is, now)."""
         await asyncio.wait_for(self.client.ping(), timeout_s)
@@ -112,7 +129,30 @@ class DeviceCache:
 
 
 def client_for(url: str, *, timeout_s: float) -> redis.Redis:
-    """A Redis client for ``url`` with connect and socket timeouts of ``timeout_s``."""
+    """A Redis client for ``url`` with connect and socket timeouts of ``timeout_s``.
+
+    ``redis+sentinel://[:password@]host:port,host:port,…/<master name>[/db]`` (``rediss+sentinel``
+    for TLS) asks the sentinels for the current master on every new connection: after a failover
+    the first calls fail (the breaker opens, reads go to PostgreSQL) and the next connection goes
+    to the promoted replica.
+    """
     # No client-side retries: the breaker decides, and a read must not wait out several attempts.
-    return redis.Redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s,
-                                health_check_interval=10, retry=Retry(NoBackoff(), 0))
+    timeouts = {"socket_timeout": timeout_s, "socket_connect_timeout": timeout_s}
+    parts = urlsplit(url)
+    if not parts.scheme.endswith("+sentinel"):
+        return redis.Redis.from_url(url, health_check_interval=10, retry=Retry(NoBackoff(), 0), **timeouts)
+    service, db = _sentinel_path(url, parts.path)
+    sentinels = []
+    for host in parts.netloc.rpartition("@")[2].split(","):
+        name, _, port = host.rpartition(":")
+        sentinels.append((name, int(port)))
+    sentinel = Sentinel(sentinels, sentinel_kwargs=timeouts, **timeouts)
+    return sentinel.master_for(service, db=db, password=parts.password, ssl=parts.scheme == "rediss+sentinel",
+                               health_check_interval=10, retry=Retry(NoBackoff(), 0))
+
+
+def _sentinel_path(url: str, path: str) -> tuple[str, int]:
+    segments = [segment for segment in path.split("/") if segment]
+    if not 1 <= len(segments) <= 2 or (len(segments) == 2 and not segments[1].isdigit()):
+        raise ValueError(f"{url!r}: a Sentinel URL names the master and optionally the db: …/<master name>[/<db>]")
+    return segments[0], int(segments[1]) if len(segments) == 2 else 0

@@ -238,6 +238,86 @@ def bench(messages: int) -> None:
     click.echo(json.dumps(run(_settings(), messages), indent=2))
 
 
+@main.group()
+def dlq() -> None:
+    """Triage sensor-data-dlq and replay what can now be stored (docs/runbooks/dlq.md)."""
+
+
+_KIND = click.Choice(["invalid", "rejected", "unknown_device", "deleted_device"])
+
+
+@dlq.command("inspect")
+@click.option("--kind", "kinds", type=_KIND, multiple=True, help="only records of this kind (repeatable)")
+@click.option("--limit", type=click.IntRange(min=1), default=None, help="print at most this many records")
+def dlq_inspect(kinds: tuple[str, ...], limit: int | None) -> None:
+    """Print the DLQ's records as JSON lines (original bytes, kind, field, reason, source); counts by kind on stderr."""
+    import json
+    from collections import Counter
+
+    from iotflow.dlq import inspect
+
+    async def main_() -> Counter:
+        counts: Counter = Counter()
+        async for record in inspect(_settings(), kinds=kinds):
+            counts[record.kind] += 1
+            if limit is None or sum(counts.values()) <= limit:
+                click.echo(json.dumps(record.as_json()))
+        return counts
+
+    click.echo(json.dumps({"records_by_kind": dict(asyncio.run(main_()))}), err=True)
+
+
+@dlq.command("replay")
+@click.option("--kind", "kinds", type=_KIND, multiple=True, required=True,
+              help="replay records of this kind (repeatable), e.g. unknown_device once the devices are registered")
+@click.option("--device", default=None, help="only this device's records")
+@click.option("--dry-run", is_flag=True, help="count what would be replayed; send and commit nothing")
+def dlq_replay(kinds: tuple[str, ...], device: str | None, dry_run: bool) -> None:
+    """Send DLQ records back to sensor-data (original key and bytes); progress is committed, so a second run goes on."""
+    import json
+
+    from iotflow.dlq import replay
+
+    counts = asyncio.run(replay(_settings(), kinds=kinds, device=device, dry_run=dry_run))
+    click.echo(json.dumps({"dry_run": dry_run, **counts}))
+
+
+@main.group()
+def cache() -> None:
+    """The Redis cache of device reads (docs/runbooks/redis-cache.md)."""
+
+
+@cache.command("flush")
+def cache_flush() -> None:
+    """Delete every cached device record (reads refill from PostgreSQL); other Redis keys stay."""
+    from iotflow.cache import DeviceCache, client_for
+
+    settings = _settings()
+
+    async def flush() -> int:
+        cache = DeviceCache(client_for(settings.redis_url, timeout_s=max(settings.redis_timeout_s, 5.0)),
+                            timeout_s=settings.redis_timeout_s, ttl_s=settings.cache_ttl_s)
+        try:
+            return await cache.flush()
+        finally:
+            await cache.close()
+
+    click.echo(f"removed {asyncio.run(flush())} cached device record(s)")
+
+
+@main.command("bench-api")
+@click.option("--devices", type=click.IntRange(min=1), default=200, show_default=True, help="devices registered and read")
+@click.option("--concurrency", type=click.IntRange(min=1), default=16, show_default=True, help="concurrent clients")
+@click.option("--duration", type=click.FloatRange(min=1), default=20.0, show_default=True, help="seconds per measurement")
+def bench_api(devices: int, concurrency: int, duration: float) -> None:
+    """Measure GET /devices/{id} and /devices/{id}/state from a second process, with Redis up and down."""
+    import json
+
+    from iotflow.bench_api import run
+
+    click.echo(json.dumps(run(_settings(), devices=devices, concurrency=concurrency, duration_s=duration), indent=2))
+
+
 @main.command()
 @click.option("--role", type=click.Choice(["viewer", "operator", "admin"]), required=True,
               help="viewer reads; operator also registers and changes devices; admin also deletes")

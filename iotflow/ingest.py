@@ -49,6 +49,7 @@ class _Pending:
     event: EventT
     rows: list[Row] = field(default_factory=list)
     dlq: Awaitable[object] | None = None
+    device_s: float = 0.0  # the device's ts, for the end-to-end latency
 
 
 class IngestPipeline:
@@ -84,6 +85,9 @@ class IngestPipeline:
         self._pending_rows = 0
         self._flush_lock = asyncio.Lock()
         self._order = asyncio.Lock()  # one message decided at a time: the agent's and the timer's
+        self._closed = False
+        # Per partition: Kafka's timestamp (s) of the newest message made durable (the lag metric).
+        self.durable_until: dict[int, float] = {}
         metrics.DEDUP_MARKS.set_function(lambda: len(self.marks.table))
         metrics.PARKED.set_function(lambda: len(self._parked))
 
@@ -107,6 +111,8 @@ class IngestPipeline:
     async def handle(self, event: EventT) -> None:
         """Decide what one message is, queue its rows and table writes; flush when the batch is full."""
         async with self._order:
+            if self._closed:
+                return  # stopping: left unacknowledged, so the partition's next owner reads it
             message = event.message
             partition = message.partition
             now_ms = int(self.clock() * 1000)
@@ -131,6 +137,13 @@ class IngestPipeline:
                 await self._decide(event, now_ms, self.device_status)
             if self._pending_rows >= self.batch_size or len(self._pending) >= 4 * self.batch_size:
                 await self.flush()
+
+    async def close(self) -> None:
+        """At shutdown, before the final commit: decide no more messages, make the queued batch
+        durable and acknowledge it (messages still buffered stay unacknowledged: replayed later)."""
+        async with self._order:
+            self._closed = True
+        await self.flush()
 
     async def tick(self) -> None:
         """On the timer: settle the waiting devices whose time has come, then flush."""
@@ -174,6 +187,7 @@ class IngestPipeline:
                     self._expiry.add(key, mark)
                 if outcome is not Verdict.DUPLICATE:
                     pending.rows = telemetry.rows()
+                    pending.device_s = telemetry.time.timestamp()
                     values = self.latest.get(partition, device_key) or LatestValues()
                     values.update(telemetry.metrics, int(telemetry.time.timestamp() * 1000))
                     self.latest.set(partition, device_key, values)
@@ -248,10 +262,17 @@ class IngestPipeline:
                 log.error("sink_rejected_batch", rows=len(rows), error=str(exc))
                 stored = await self._write_each(batch)
             metrics.SINK_BATCH_SECONDS.observe(time.perf_counter() - started)
+            metrics.SINK_BATCH_ROWS.observe(len(rows))
             metrics.ROWS_STORED.inc(stored)
             await write_all((self.marks, marks), (self.accounts, accounts), (self.latest, latest))
+            now, observe, durable = time.time(), metrics.E2E_LATENCY.observe, self.durable_until
             for pending in batch:
                 pending.event.ack()
+                message = pending.event.message
+                if message.timestamp > durable.get(message.partition, 0.0):
+                    durable[message.partition] = message.timestamp
+                if pending.rows:
+                    observe(now - pending.device_s)
 
     async def _write_each(self, batch: list[_Pending]) -> int:
         """After a rejected batch: write message by message; what the database refuses goes to the DLQ."""

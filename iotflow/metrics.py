@@ -36,3 +36,46 @@ CACHE = Counter(
 )
 CIRCUIT_OPEN = Gauge("iotflow_circuit_open", "1 while a dependency's circuit breaker is open or half-open.", ["dependency"])
 LAST_SEEN_SAVED = Counter("iotflow_last_seen_saved_total", "Devices whose last_seen moved forward in PostgreSQL.")
+SINK_BATCH_ROWS = Histogram(
+    "iotflow_sink_batch_rows", "Rows per batch the sink wrote.",
+    buckets=(1, 10, 50, 100, 250, 500, 1000, 2000, 5000, 10000),
+)
+SINK_ERRORS = Counter(
+    "iotflow_sink_errors_total",
+    "Failed sink writes by kind (retriable: retried with backoff; rejected: the batch was refused and split).",
+    ["kind"],
+)
+E2E_LATENCY = Histogram(
+    "iotflow_ingest_e2e_latency_seconds",
+    "From the device's ts to its rows committed in the database, per stored message.",
+    buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300),
+)
+CONSUMER_LAG = Gauge(
+    "iotflow_consumer_lag_records",
+    "Records in a partition this worker owns after its last committed offset (updated every few seconds).",
+    ["topic", "partition"],
+)
+PROCESSING_LAG = Gauge(
+    "iotflow_ingest_lag_seconds",
+    "Per sensor-data partition with records behind: seconds since the newest message made durable was "
+    "produced (0 when caught up). Grows while the worker is stuck.",
+    ["partition"],
+)
+TABLE_RECOVERY_ACTIVE = Gauge("iotflow_table_recovery_in_progress", "1 while this worker restores tables from changelogs.")
+TABLE_RECOVERY_REMAINING = Gauge(
+    "iotflow_table_recovery_remaining_records", "Changelog records left to restore before this worker's tables are active.")
+POOL_CONNECTIONS = Gauge(
+    "iotflow_pg_pool_connections", "PostgreSQL pool connections by pool and state (in_use, idle, max).", ["pool", "state"])
+HTTP_REQUESTS = Counter(
+    "iotflow_http_requests_total", "HTTP requests answered, by route template, method and status code.",
+    ["route", "method", "code"])
+HTTP_DURATION = Histogram(
+    "iotflow_http_request_duration_seconds", "Time to answer an HTTP request, by route template and method.",
+    ["route", "method"], buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+)
+ACCOUNTING = Gauge(
+    "iotflow_accounting_messages",
+    "This worker's per-device accounts added up (received, accepted, duplicates, invalid, rejected, gaps); "
+    "sampled every minute. Fleet loss ratio = sum(gaps) / (sum(accepted) + sum(gaps)).",
+    ["kind"],
+)

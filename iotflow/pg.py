@@ -69,6 +69,14 @@ class LazyPool:
                 await conn.fetchval("SELECT 1", timeout=timeout_s)
         await asyncio.wait_for(probe(), timeout_s)
 
+    def usage(self) -> tuple[int, int, int]:
+        """(in use, idle, max) connections; all 0 but max while the pool is not open."""
+        pool = self._pool
+        if pool is None:
+            return 0, 0, self.size
+        idle = pool.get_idle_size()
+        return pool.get_size() - idle, idle, pool.get_max_size()
+
     async def close(self) -> None:
         if self._pool is not None:
             pool, self._pool = self._pool, None

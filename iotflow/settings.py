@@ -106,6 +106,40 @@ def _url(*schemes: str) -> Callable[[str, str], str]:
     return parse
 
 
+def _redis_url(name: str, raw: str) -> str:
+    """redis://, rediss://, or redis+sentinel:// (rediss+sentinel://) with the sentinels' host:port
+    list and the master's name in the path."""
+    parts = urlsplit(raw.strip())
+    if parts.scheme in ("redis", "rediss"):
+        return _url("redis", "rediss")(name, raw)
+    hosts = parts.netloc.rpartition("@")[2]
+    segments = [s for s in parts.path.split("/") if s]
+    valid = (parts.scheme in ("redis+sentinel", "rediss+sentinel") and bool(hosts) and 1 <= len(segments) <= 2
+             and (len(segments) == 1 or segments[1].isdigit()))
+    for host in hosts.split(",") if valid else ():
+        hostname, _, port = host.rpartition(":")
+        if not hostname or not (port.isdigit() and 1 <= int(port) <= 65535):
+            valid = False
+    if not valid:
+        raise SettingsError(name, raw, "a redis:// URL, or redis+sentinel://host:port,…/<master name>[/<db>]")
+    return raw.strip()
+
+
+def _pg_dsn(name: str, raw: str) -> str:
+    """A PostgreSQL URL with one host or several (``host1:5432,host2:5432``: libpq and asyncpg try
+    them in order; with ``target_session_attrs=read-write`` they pick the primary after a failover)."""
+    parts = urlsplit(raw.strip())
+    hosts = parts.netloc.rpartition("@")[2]
+    valid = parts.scheme in ("postgresql", "postgres") and bool(hosts)
+    for host in hosts.split(",") if valid else ():
+        hostname, sep, port = host.rpartition(":") if host.count(":") == 1 else (host, "", "")
+        if not hostname or (sep and not (port.isdigit() and 1 <= int(port) <= 65535)):
+            valid = False
+    if not valid:
+        raise SettingsError(name, raw, "a postgresql:// URL with a host (or host:port,host:port,… for failover)")
+    return raw.strip()
+
+
 def _choice(*choices: str) -> Callable[[str, str], str]:
     def parse(name: str, raw: str) -> str:
         value = raw.strip().lower()
@@ -142,15 +176,15 @@ class Settings:
     kafka_bootstrap: str = _setting("127.0.0.1:19092", _host_ports, "Kafka bootstrap servers (host:port,…)")
     pg_dsn: str = _setting(
         "postgresql://iotflow:iotflow@127.0.0.1:15432/iotflow",
-        _url("postgresql", "postgres"),
-        "PostgreSQL DSN for device metadata, rollouts and the outbox",
+        _pg_dsn,
+        "PostgreSQL DSN for device metadata, rollouts and the outbox (several hosts for failover)",
     )
     tsdb_dsn: str = _setting(
         "postgresql://iotflow:iotflow@127.0.0.1:15432/iotflow",
-        _url("postgresql", "postgres"),
+        _pg_dsn,
         "PostgreSQL/TimescaleDB DSN for sensor measurements (may be the same database)",
     )
-    redis_url: str = _setting("redis://127.0.0.1:16379/0", _url("redis", "rediss"), "Redis URL for the cache")
+    redis_url: str = _setting("redis://127.0.0.1:16379/0", _redis_url, "Redis URL for the cache (redis+sentinel://h:p,h:p/<master>/<db> under Sentinel)")
     mqtt_url: str = _setting("mqtt://127.0.0.1:11883", _url("mqtt", "mqtts"), "MQTT broker URL")
     web_host: str = _setting("127.0.0.1", _non_empty, "host the worker's web server binds and advertises")
     web_port: int = _setting(6066, _port, "port of the worker's web server")
@@ -188,6 +222,7 @@ class Settings:
     jwt_issuer: str = _setting("iotflow", _non_empty, "issuer (iss) the API's tokens must name")
     jwt_audience: str = _setting("iotflow-api", _non_empty, "audience (aud) the API's tokens must name")
     stack_dir: Path = _setting(Path(".stack"), _path, "folder of the local stack's data and logs (iotflow stack)")
+    shutdown_drain_s: float = _setting(5.0, _positive_seconds, "after SIGTERM: seconds the worker answers /health/ready 503 (draining) and keeps serving before it stops")
     log_level: str = _setting("info", _choice(*_LOG_LEVELS), "log level")
     kafka_request_timeout_s: float = _setting(30.0, _positive_seconds, "Kafka request timeout")
     kafka_session_timeout_s: float = _setting(30.0, _positive_seconds, "Kafka consumer session timeout")

@@ -17,6 +17,7 @@ from iotflow.sinks.timescale import MeasurementSink
 from iotflow.settings import Settings
 from iotflow import topics
 from iotflow.errors import SinkUnavailable
+from iotflow.worker import draining
 
 log = structlog.get_logger(__name__)
 
@@ -49,6 +50,14 @@ def register(app: faust.App, settings: Settings, pipeline: IngestPipeline, sink:
             log.warning("partition_upkeep_failed", error=str(exc))  # next hour, or the sink on demand
 
     source = topics.name(settings, topics.SENSOR_DATA)
+
+    async def close_and_commit() -> None:
+        # After the drain, before Faust stops anything: what was stored is exactly what is
+        # committed (messages that arrive later stay unacknowledged: the next owner reads them).
+        await pipeline.close()
+        await app.consumer.commit()
+
+    draining(app).before_stop.append(close_and_commit)
 
     @app.on_partitions_revoked.connect
     async def on_revoked(app: faust.App, revoked: set, **kwargs: object) -> None:

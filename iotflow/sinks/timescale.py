@@ -27,7 +27,8 @@ import asyncpg
 import structlog
 from tenacity import AsyncRetrying, retry_if_exception, wait_random_exponential
 
-from iotflow.breaker import CircuitBreaker
+from iotflow import metrics
+from iotflow.breaker import CircuitBreaker, State
 from iotflow.errors import CircuitOpen, SinkRejected, SinkUnavailable
 from iotflow.pg import LazyPool, is_transient
 
@@ -73,6 +74,7 @@ class MeasurementSink:
                              init=_init_connection)
         self.breaker = breaker or CircuitBreaker("timescale")
         self.max_backoff_s = max_backoff_s
+        metrics.CIRCUIT_OPEN.labels(self.breaker.name).set_function(lambda: self.breaker.state is not State.CLOSED)
 
     async def start(self) -> None:
         """Open the pool now if the database answers; otherwise the first write opens it."""
@@ -121,12 +123,14 @@ class MeasurementSink:
         except Exception as exc:
             if is_retriable(exc):
                 self.breaker.record_failure()
+                metrics.SINK_ERRORS.labels("retriable").inc()
                 log.warning("sink_write_failed", retriable=True, error=str(exc), breaker=self.breaker.state.value)
                 raise
             if isinstance(exc, asyncpg.PostgresError) and exc.sqlstate == _NO_PARTITION:
                 # A day without a partition (upkeep has not run yet): make it and try again.
                 await self.ensure_partitions()
                 raise SinkUnavailable(str(exc)) from exc
+            metrics.SINK_ERRORS.labels("rejected").inc()
             raise SinkRejected(f"{exc.__class__.__name__}: {exc}") from exc
         self.breaker.record_success()
         return int(status.rsplit(" ", 1)[-1])

@@ -8,7 +8,8 @@ Readiness, each check bounded by its own short timeout and timed:
 - ``redis``: answers ``PING``. Redis is a cache: when it does not answer the worker is still
   ready, ``"degraded"``, with the reason.
 
-200 with ``status`` ``ready`` or ``degraded``; 503 with ``unready`` when Kafka or PostgreSQL fails.
+200 with ``status`` ``ready`` or ``degraded``; 503 with ``unready`` when Kafka or PostgreSQL fails,
+and 503 ``draining`` from SIGTERM on (iotflow/worker.py), whatever the checks say.
 """
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from faust.web import Request, Response, View
 
 from iotflow.cache import DeviceCache
 from iotflow.pg import LazyPool
+from iotflow.worker import draining
 
 CHECK_TIMEOUT_S = 1.0
 
@@ -54,7 +56,9 @@ def register_readiness(app: faust.App, postgres: LazyPool, cache: DeviceCache) -
         names = ("kafka", "postgres", "redis")
         results = await asyncio.gather(*(_timed(check) for check in (kafka, database, redis)))
         checks = dict(zip(names, results))
-        if checks["kafka"]["status"] != "ok" or checks["postgres"]["status"] != "ok":
+        if draining(app).active:
+            status, code = "draining", 503  # stopping: take this worker out of rotation
+        elif checks["kafka"]["status"] != "ok" or checks["postgres"]["status"] != "ok":
             status, code = "unready", 503
         elif checks["redis"]["status"] != "ok":
             status, code = "degraded", 200

@@ -49,3 +49,33 @@ def test_a_redis_that_does_not_answer_is_a_miss_and_then_skipped(stack):
 
     assert asyncio.run(scenario()) == [None] * 5
     assert dead.degraded
+
+
+def test_flush_removes_every_device_record_and_nothing_else(stack):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import redis
+
+    cache = DeviceCache(client_for(stack.redis_url, timeout_s=0.5), timeout_s=0.5, ttl_s=60)
+    ids = [f"flush-{uuid.uuid4().hex[:8]}-{i}" for i in range(1200)]  # more than one SCAN batch
+    other = f"not-iotflow-{uuid.uuid4().hex[:8]}"
+    plain = redis.Redis.from_url(stack.redis_url)
+    plain.set(other, "kept")
+
+    async def fill() -> None:
+        for device_id in ids:
+            await cache.fill(_record(device_id, 1))
+        await cache.close()
+
+    asyncio.run(fill())
+    done = subprocess.run([str(Path(sys.executable).with_name("iotflow")), "cache", "flush"],
+                          capture_output=True, text=True, timeout=60, env=dict(os.environ))
+    assert done.returncode == 0, done.stderr
+    assert int(done.stdout.split()[1]) >= len(ids)
+    assert not any(plain.exists(f"iotflow:device:{d}") for d in ids[::100])
+    assert plain.get(other) == b"kept"
+    plain.delete(other)
+    plain.close()

@@ -2,30 +2,17 @@
 Redis is back the cache serves again."""
 from __future__ import annotations
 
-import re
 import subprocess
 import sys
-import threading
 import time
-import urllib.request
-from collections import Counter
 from pathlib import Path
 
 import pytest
 
-from iotflow.testing import http_json, wait_for
+from iotflow.testing import ReadLoad, cache_results, http_json, wait_for
 
 IOTFLOW = Path(sys.executable).with_name("iotflow")
 DEVICES = 20
-
-
-def _cache_results(worker) -> Counter:
-    with urllib.request.urlopen(f"{worker.url}/metrics", timeout=5) as response:
-        text = response.read().decode()
-    found = Counter()
-    for result, value in re.findall(r'iotflow_cache_requests_total\{result="(\w+)"\} ([0-9.e+]+)', text):
-        found[result] = int(float(value))
-    return found
 
 
 def _stack(action: str) -> None:
@@ -33,52 +20,36 @@ def _stack(action: str) -> None:
     assert done.returncode == 0, done.stderr
 
 
+def register_devices(worker, prefix: str) -> list[str]:
+    """DEVICES devices registered through the API; their read paths."""
+    admin = worker.bearer("admin")
+    ids = [f"{prefix}{i}" for i in range(DEVICES)]
+    for device_id in ids:
+        assert http_json("POST", f"{worker.url}/api/v1/devices", {"id": device_id, "name": "n", "type": "t"},
+                         headers=admin)[0] == 201
+    return [f"/api/v1/devices/{device_id}" for device_id in ids]
+
+
 @pytest.mark.timeout(300)
 def test_reads_survive_a_redis_outage_and_use_the_cache_again_after(settings, start_worker, run_id):
     worker = start_worker()
     worker.wait_ready()
-    admin, viewer = worker.bearer("admin"), worker.bearer("viewer")
-    ids = [f"redis-{run_id}-{i}" for i in range(DEVICES)]
-    for device_id in ids:
-        assert http_json("POST", f"{worker.url}/api/v1/devices", {"id": device_id, "name": "n", "type": "t"},
-                         headers=admin)[0] == 201
-
-    statuses: Counter = Counter()
-    stop = threading.Event()
-
-    def load() -> None:
-        i = 0
-        while not stop.is_set():
-            try:
-                status = http_json("GET", f"{worker.url}/api/v1/devices/{ids[i % DEVICES]}", headers=viewer,
-                                   timeout=5)[0]
-            except OSError as exc:
-                status = f"{exc.__class__.__name__}"
-            statuses[status] += 1
-            i += 1
-
-    threads = [threading.Thread(target=load, daemon=True) for _ in range(4)]
-    for thread in threads:
-        thread.start()
-    try:
-        assert wait_for(lambda: _cache_results(worker)["hit"] > 50, timeout=30), _cache_results(worker)
+    paths = register_devices(worker, f"redis-{run_id}-")
+    with ReadLoad(worker, paths) as load:
+        assert wait_for(lambda: cache_results(worker)["hit"] > 50, timeout=30), cache_results(worker)
         _stack("down")
         try:
             status, _, ready = http_json("GET", f"{worker.url}/health/ready")
             assert (status, ready["status"], ready["checks"]["redis"]["status"]) == (200, "degraded", "failing"), ready
-            during = _cache_results(worker)
+            during = cache_results(worker)
             time.sleep(10)  # reads go on against PostgreSQL
-            after_outage = _cache_results(worker)
+            after_outage = cache_results(worker)
             assert after_outage["error"] + after_outage["skipped"] > during["error"] + during["skipped"]
         finally:
             _stack("up")
-        back = _cache_results(worker)["hit"]
+        back = cache_results(worker)["hit"]
         assert wait_for(lambda: http_json("GET", f"{worker.url}/health/ready")[2]["status"] == "ready", timeout=30)
-        assert wait_for(lambda: _cache_results(worker)["hit"] > back + 50, timeout=60), _cache_results(worker)
-    finally:
-        stop.set()
-        for thread in threads:
-            thread.join(timeout=10)
+        assert wait_for(lambda: cache_results(worker)["hit"] > back + 50, timeout=60), cache_results(worker)
     # Every read answered 200 within the client's 5 s: degraded while Redis was away, never failed.
-    assert set(statuses) == {200}, statuses
-    assert sum(statuses.values()) > 200
+    assert set(load.statuses) == {200}, load.statuses
+    assert sum(load.statuses.values()) > 200

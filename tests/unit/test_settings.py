@@ -65,8 +65,11 @@ def test_worker_dir_defaults_to_one_folder_per_web_port():
         ("IOTFLOW_REDIS_TIMEOUT_S", "soon", "a positive number of seconds"),
         ("IOTFLOW_KAFKA_BOOTSTRAP", "localhost", "host:port"),
         ("IOTFLOW_KAFKA_BOOTSTRAP", "a:1,b:x", "host:port"),
-        ("IOTFLOW_PG_DSN", "mysql://u@h/db", "a URL with scheme postgresql or postgres"),
+        ("IOTFLOW_PG_DSN", "mysql://u@h/db", "a postgresql:// URL with a host"),
+        ("IOTFLOW_TSDB_DSN", "postgresql://u@h1:5432,h2:99999/db", "a postgresql:// URL with a host"),
         ("IOTFLOW_REDIS_URL", "redis://", "a URL with scheme redis or rediss and a host"),
+        ("IOTFLOW_REDIS_URL", "redis+sentinel://127.0.0.1:26379", "redis+sentinel://host:port,…/<master name>"),
+        ("IOTFLOW_REDIS_URL", "redis+sentinel://127.0.0.1:x/mymaster/0", "redis+sentinel://host:port,…/<master name>"),
         ("IOTFLOW_MQTT_URL", "mqtt://broker:port", "a URL with scheme mqtt or mqtts"),
         ("IOTFLOW_STORE", "postgres", "one of rocksdb, memory"),
         ("IOTFLOW_LOG_LEVEL", "loud", "one of debug, info"),
@@ -111,3 +114,13 @@ def test_every_variable_is_documented_in_the_readme_with_its_default():
         assert row is not None, f"{variable} is missing from README's configuration table"
         if default:
             assert f"`{default}`" in row, f"README gives another default for {variable}"
+
+
+def test_a_multi_host_postgresql_dsn_is_accepted_for_failover():
+    dsn = "postgresql://iotflow@pg-a:5432,pg-b:5433/iotflow?target_session_attrs=read-write"
+    assert Settings.from_env({"IOTFLOW_PG_DSN": dsn, "IOTFLOW_TSDB_DSN": dsn}).pg_dsn == dsn
+
+
+def test_a_sentinel_url_names_the_sentinels_and_the_master():
+    url = "redis+sentinel://:secret@127.0.0.1:26379,127.0.0.1:26380,127.0.0.1:26381/iotflow/2"
+    assert Settings.from_env({"IOTFLOW_REDIS_URL": url}).redis_url == url

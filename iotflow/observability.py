@@ -1,0 +1,94 @@
+"""The worker's metrics that are sampled rather than counted, and the HTTP metrics middleware.
+
+Every few seconds a timer records, for the partitions this worker owns: consumer lag in records
+(high watermark − committed offset) of iotflow's source topics, and for sensor-data the processing
+lag in seconds (how old the newest durable message is, while records wait; 0 when caught up);
+and the use of each PostgreSQL pool. Table recovery progress is read at scrape time. Labels are
+bounded: topic, partition, pool and route *templates* — never a device id or a raw path.
+"""
+from __future__ import annotations
+
+import time
+from collections.abc import Awaitable, Callable
+
+import faust
+from aiohttp import web
+
+from iotflow import metrics, topics
+from iotflow.ingest import IngestPipeline
+from iotflow.pg import LazyPool
+from iotflow.settings import Settings
+
+SAMPLE_EVERY_S = 5.0
+
+
+def register(app: faust.App, settings: Settings, pipeline: IngestPipeline, pools: dict[str, LazyPool]) -> None:
+    sensor_data = topics.name(settings, topics.SENSOR_DATA)
+    sources = {sensor_data, topics.name(settings, topics.DEVICE_EVENTS)}
+
+    metrics.TABLE_RECOVERY_ACTIVE.set_function(lambda: bool(app.in_recovery))
+    metrics.TABLE_RECOVERY_REMAINING.set_function(lambda: _recovery_remaining(app))
+
+    @app.timer(SAMPLE_EVERY_S, name="iotflow.metrics.sample")
+    async def sample() -> None:
+        sample_lag(app, sources, sensor_data, pipeline.durable_until, time.time())
+        for name, pool in pools.items():
+            in_use, idle, most = pool.usage()
+            metrics.POOL_CONNECTIONS.labels(name, "in_use").set(in_use)
+            metrics.POOL_CONNECTIONS.labels(name, "idle").set(idle)
+            metrics.POOL_CONNECTIONS.labels(name, "max").set(most)
+
+    app.web.web_app.middlewares.append(http_metrics)
+
+
+def sample_lag(app: faust.App, sources: set[str], sensor_data: str, durable_until: dict[int, float],
+               now: float) -> None:
+    """Set the lag gauges for the source partitions this worker owns; drop those it gave up."""
+    consumer = app.consumer
+    committed_offsets = consumer._committed_offset  # Faust's record of what it committed (next offset)
+    metrics.CONSUMER_LAG.clear()
+    metrics.PROCESSING_LAG.clear()
+    for tp in consumer.assignment():
+        if tp.topic not in sources:
+            continue
+        highwater = consumer.highwater(tp)
+        if highwater is None:
+            continue  # nothing fetched from it yet
+        behind = max(0, highwater - (committed_offsets.get(tp) or 0))
+        metrics.CONSUMER_LAG.labels(tp.topic, str(tp.partition)).set(behind)
+        if tp.topic == sensor_data:
+            durable = durable_until.get(tp.partition)
+            age = now - durable if behind and durable else 0.0
+            metrics.PROCESSING_LAG.labels(str(tp.partition)).set(max(0.0, age))
+
+
+def _recovery_remaining(app: faust.App) -> int:
+    recovery = getattr(app.tables, "recovery", None)
+    return int(recovery.active_remaining_total()) if recovery is not None and app.in_recovery else 0
+
+
+@web.middleware
+async def http_metrics(request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+                       ) -> web.StreamResponse:
+    """Count and time every request by its route template (``/api/v1/devices/{device_id}``)."""
+    started = time.perf_counter()
+    route = _route(request)
+    status = 500
+    try:
+        response = await handler(request)
+        status = response.status
+        return response
+    except web.HTTPException as exc:
+        status = exc.status
+        raise
+    finally:
+        metrics.HTTP_DURATION.labels(route, request.method).observe(time.perf_counter() - started)
+        metrics.HTTP_REQUESTS.labels(route, request.method, str(status)).inc()
+
+
+def _route(request: web.Request) -> str:
+    info = request.match_info
+    resource = info.route.resource if info is not None and info.route is not None else None
+    if resource is None or info.http_exception is not None:
+        return "unmatched"  # 404/405: the raw path would be an unbounded label
+    return resource.canonical
