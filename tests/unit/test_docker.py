@@ -1,6 +1,7 @@
 """docker/ is not run here (no Docker engine on these machines); these checks keep it true."""
 from __future__ import annotations
 
+import subprocess
 from pathlib import Path
 
 import yaml
@@ -34,3 +35,67 @@ def test_the_image_runs_a_faust_worker_of_iotflow():
     dockerfile = (DOCKER / "Dockerfile").read_text()
     assert 'CMD ["faust", "-A", "iotflow", "worker", "-l", "info"]' in dockerfile
     assert "-c constraints.txt" in dockerfile
+
+
+def production() -> dict:
+    return yaml.safe_load((DOCKER / "compose.production.yaml").read_text())
+
+
+def docker_compose_config(name: str) -> subprocess.CompletedProcess:
+    # Debian's docker-compose (installed by scripts/bootstrap) validates the file; no engine needed.
+    return subprocess.run(["docker-compose", "-f", str(DOCKER / name), "config", "-q"],
+                          capture_output=True, text=True, timeout=60)
+
+
+def test_docker_compose_accepts_both_compose_files():
+    for name in ("compose.yaml", "compose.production.yaml"):
+        done = docker_compose_config(name)
+        assert done.returncode == 0, (name, done.stderr)
+
+
+def test_production_kafka_is_three_kraft_brokers_with_rf_3_and_min_isr_2():
+    services = production()["services"]
+    brokers = {name: svc for name, svc in services.items() if name.startswith("kafka-")}
+    assert len(brokers) == 3
+    for name, broker in brokers.items():
+        env = broker["environment"]
+        assert broker["image"] == f"apache/kafka:{kafka_version()}"
+        assert (env["KAFKA_DEFAULT_REPLICATION_FACTOR"], env["KAFKA_MIN_INSYNC_REPLICAS"]) == ("3", "2")
+        assert env["KAFKA_ADVERTISED_LISTENERS"] == f"PLAINTEXT://{name}:9092"
+        assert sorted(v.split("@")[1].split(":")[0] for v in env["KAFKA_CONTROLLER_QUORUM_VOTERS"].split(",")) == sorted(brokers)
+
+
+def test_production_workers_and_bridges_are_valid_iotflow_configuration_pointing_at_the_services():
+    services = production()["services"]
+    workers = [n for n in services if n.startswith("worker-")]
+    bridges = [n for n in services if n.startswith("bridge-")]
+    assert len(workers) == 2 and len(bridges) == 2
+    for name in workers + bridges:
+        settings = Settings.from_env({k: str(v) for k, v in services[name]["environment"].items()})
+        assert (settings.replication_factor, settings.min_insync_replicas) == (3, 2)
+        assert {h.split(":")[0] for h in settings.kafka_bootstrap.split(",")} == {"kafka-1", "kafka-2", "kafka-3"}
+        sentinels = settings.redis_url.split("//")[1].split("/")[0].split(",")
+        assert {s.split(":")[0] for s in sentinels} == {n for n in services if n.startswith("sentinel-")}
+    assert len({services[n]["environment"]["IOTFLOW_BRIDGE_CLIENT_ID"] for n in bridges}) == 2
+    for name in workers:
+        assert services[name]["environment"]["IOTFLOW_WEB_HOST"] == name  # forwarded table views reach it
+
+
+def test_production_prometheus_scrapes_every_worker_with_the_rules_and_grafana_has_the_dashboards():
+    services = production()["services"]
+    monitoring = DOCKER.parent / "monitoring"
+    config = yaml.safe_load((monitoring / "prometheus/prometheus.production.yml").read_text())
+    targets = {t for job in config["scrape_configs"] for c in job["static_configs"] for t in c["targets"]}
+    assert targets == {f"{n}:{services[n]['environment']['IOTFLOW_WEB_PORT']}" for n in services if n.startswith("worker-")}
+    assert all((monitoring / "prometheus" / rules).is_file() for rules in config["rule_files"])
+    assert services["prometheus"]["command"] == ["--config.file=/etc/prometheus/prometheus.production.yml"]
+    grafana = " ".join(services["grafana"]["volumes"])
+    assert "../monitoring/grafana/dashboards:/var/lib/grafana/dashboards" in grafana
+    provider = yaml.safe_load((monitoring / "grafana/provisioning/dashboards/iotflow.yaml").read_text())
+    assert provider["providers"][0]["options"]["path"] == "/var/lib/grafana/dashboards"
+
+
+def test_the_image_is_non_root_with_a_health_check_on_liveness():
+    dockerfile = (DOCKER / "Dockerfile").read_text()
+    assert "USER iotflow" in dockerfile
+    assert "HEALTHCHECK" in dockerfile and "/health/live" in dockerfile
