@@ -30,7 +30,7 @@ from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
-from prometheus_client import Counter, Gauge
+from prometheus_client import Counter, Gauge, start_http_server
 
 from iotflow import topics
 from iotflow.backoff import TokenBuckets, full_jitter
@@ -253,6 +253,10 @@ def run_bridge(settings: Settings) -> None:
     from iotflow import logs
 
     logs.configure(settings.log_level)
+    # /metrics of this bridge (forwarded, rate-limited, rejected, in flight), in a daemon thread.
+    start_http_server(settings.bridge_metrics_port, addr=settings.web_host)
+    log.info("bridge_metrics", url=f"http://{settings.web_host}:{settings.bridge_metrics_port}/metrics")
+
     async def main() -> None:
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()

@@ -208,6 +208,7 @@ class Settings:
         "iotflow-bridge-1", _non_empty, "MQTT client id of a bridge: stable, and distinct per bridge"
     )
     bridge_group: str = _setting("iotflow-bridge", _non_empty, "shared-subscription group the bridges split load in")
+    bridge_metrics_port: int = _setting(9108, _port, "port of the bridge's Prometheus /metrics (bound on IOTFLOW_WEB_HOST)")
     bridge_max_in_flight: int = _setting(1000, _positive_int, "MQTT messages a bridge holds unacknowledged (Receive Maximum)")
     bridge_device_rate_per_s: float = _setting(50.0, _positive_number("messages per second"), "messages/s a device may send before the bridge delays it")
     bridge_device_burst: int = _setting(100, _positive_int, "messages a device may burst above its rate")

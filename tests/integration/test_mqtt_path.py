@@ -7,21 +7,29 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
 
 from iotflow.simulator import Fleet, FleetConfig
-from iotflow.testing import dlq_messages, http_get_json, stored_messages
+from iotflow.testing import dlq_messages, free_port, http_get_json, stored_messages
 
 
-def start_bridge(settings, tmp_path: Path, client_id: str) -> subprocess.Popen[bytes]:
+def start_bridge(settings, tmp_path: Path, client_id: str, metrics_port: int | None = None) -> subprocess.Popen[bytes]:
     env = {**os.environ, "IOTFLOW_TOPIC_PREFIX": settings.topic_prefix, "IOTFLOW_BRIDGE_CLIENT_ID": client_id,
            "IOTFLOW_BRIDGE_GROUP": f"g{settings.topic_prefix}", "IOTFLOW_BRIDGE_DEVICE_RATE_PER_S": "1000",
-           "IOTFLOW_BRIDGE_DEVICE_BURST": "1000"}
+           "IOTFLOW_BRIDGE_DEVICE_BURST": "1000", "IOTFLOW_BRIDGE_METRICS_PORT": str(metrics_port or free_port())}
     with open(tmp_path / f"bridge-{client_id}.log", "ab") as log:
         return subprocess.Popen([str(Path(sys.executable).with_name("iotflow")), "bridge"], env=env,
                                 stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+
+
+def bridge_metric(port: int, name: str) -> float:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+        text = response.read().decode()
+    return sum(float(line.split()[-1]) for line in text.splitlines()
+               if line.startswith(name + " ") or line.startswith(name + "{"))
 
 
 def wait_for_log(path: Path, text: str, timeout: float = 30.0) -> None:
@@ -37,7 +45,8 @@ def test_fifty_devices_with_duplicates_and_malformed_store_exactly_the_unique_va
 ):
     worker = start_worker()
     worker.wait_ready()
-    bridge = start_bridge(settings, tmp_path, f"bridge-{run_id}")
+    metrics_port = free_port()
+    bridge = start_bridge(settings, tmp_path, f"bridge-{run_id}", metrics_port)
     try:
         wait_for_log(tmp_path / f"bridge-bridge-{run_id}.log", "mqtt_connected")
         config = FleetConfig(devices=50, messages_per_device=1000, rate_per_device=100.0, duplicate_ratio=0.10,
@@ -70,6 +79,10 @@ def test_fifty_devices_with_duplicates_and_malformed_store_exactly_the_unique_va
         assert fleet["duplicates"] >= totals["duplicates"]
         assert totals["malformed"] <= fleet["invalid"] <= len(dead)
         assert fleet["gaps"] == 0 and fleet["healthy"]
+
+        # The bridge's own /metrics: every message it took from MQTT was forwarded (at least once).
+        assert bridge_metric(metrics_port, "iotflow_bridge_forwarded_total") >= totals["sent"] + totals["malformed"]
+        assert bridge_metric(metrics_port, "iotflow_bridge_in_flight") == 0
     finally:
         bridge.send_signal(signal.SIGTERM)
         assert bridge.wait(timeout=30) == 0

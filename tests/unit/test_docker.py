@@ -85,8 +85,12 @@ def test_production_prometheus_scrapes_every_worker_with_the_rules_and_grafana_h
     services = production()["services"]
     monitoring = DOCKER.parent / "monitoring"
     config = yaml.safe_load((monitoring / "prometheus/prometheus.production.yml").read_text())
-    targets = {t for job in config["scrape_configs"] for c in job["static_configs"] for t in c["targets"]}
-    assert targets == {f"{n}:{services[n]['environment']['IOTFLOW_WEB_PORT']}" for n in services if n.startswith("worker-")}
+    jobs = {job["job_name"]: {t for c in job["static_configs"] for t in c["targets"]} for job in config["scrape_configs"]}
+    assert jobs["iotflow-worker"] == {f"{n}:{services[n]['environment']['IOTFLOW_WEB_PORT']}"
+                                      for n in services if n.startswith("worker-")}
+    bridges = [n for n in services if n.startswith("bridge-")]
+    assert jobs["iotflow-bridge"] == {f"{n}:{Settings.from_env(services[n]['environment']).bridge_metrics_port}" for n in bridges}
+    assert all(services[n]["environment"]["IOTFLOW_WEB_HOST"] == "0.0.0.0" for n in bridges)  # reachable
     assert all((monitoring / "prometheus" / rules).is_file() for rules in config["rule_files"])
     assert services["prometheus"]["command"] == ["--config.file=/etc/prometheus/prometheus.production.yml"]
     grafana = " ".join(services["grafana"]["volumes"])
