@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
@@ -41,6 +42,7 @@ from iotflow.telemetry import Limits, parse
 
 log = structlog.get_logger(__name__)
 
+_DLQ_REPORT_EVERY_S = 10.0
 _EXPIRE_PER_EVENT = 8  # marks deleted per event at most: expiry keeps pace without bursts
 
 
@@ -86,6 +88,9 @@ class IngestPipeline:
         self._flush_lock = asyncio.Lock()
         self._order = asyncio.Lock()  # one message decided at a time: the agent's and the timer's
         self._closed = False
+        self._dlq_unreported: Counter[str] = Counter()
+        self._dlq_example: dict[str, object] = {}
+        self._dlq_reported_at = float("-inf")
         # Per partition: Kafka's timestamp (s) of the newest message made durable (the lag metric).
         self.durable_until: dict[int, float] = {}
         metrics.DEDUP_MARKS.set_function(lambda: len(self.marks.table))
@@ -150,6 +155,7 @@ class IngestPipeline:
         async with self._order:
             await self._release_due(int(self.clock() * 1000))
         await self.flush()
+        self._report_dlq(time.monotonic())
 
     async def _decide(self, event: EventT, now_ms: int, status_of: Callable[[int, bytes], DeviceStatus]) -> None:
         message = event.message
@@ -239,10 +245,22 @@ class IngestPipeline:
             ("iotflow-source-partition", str(message.partition).encode()),
             ("iotflow-source-offset", str(message.offset).encode()),
         ]
-        log.warning("message_to_dlq", kind=kind, field=field_name, reason=reason,
-                    partition=message.partition, offset=message.offset)
+        log.debug("message_to_dlq", kind=kind, field=field_name, reason=reason,
+                  partition=message.partition, offset=message.offset)
         metrics.DLQ.labels(kind).inc()
+        self._dlq_unreported[kind] += 1
+        self._dlq_example = {"kind": kind, "field": field_name, "reason": reason[:200],
+                             "partition": message.partition, "offset": message.offset}
+        self._report_dlq(time.monotonic())
         return await self.dlq.send(key=message.key, value=message.value, headers=headers)
+
+    def _report_dlq(self, now: float, *, force: bool = False) -> None:
+        """One warning per ``_DLQ_REPORT_EVERY_S`` with the counts by kind and the latest example,
+        not one per message (a flood of bad payloads must not flood the log)."""
+        if self._dlq_unreported and (force or now - self._dlq_reported_at >= _DLQ_REPORT_EVERY_S):
+            log.warning("messages_to_dlq", counts=dict(self._dlq_unreported), latest=self._dlq_example)
+            self._dlq_unreported.clear()
+            self._dlq_reported_at = now
 
     async def flush(self) -> None:
         """Make the queued batch durable, then acknowledge its events (see the module docstring)."""

@@ -12,12 +12,14 @@ import time
 from collections.abc import Awaitable, Callable
 
 import faust
+import structlog
 from aiohttp import web
 
 from iotflow import metrics, topics
 from iotflow.ingest import IngestPipeline
 from iotflow.pg import LazyPool
 from iotflow.settings import Settings
+from iotflow.web.problems import request_id
 
 SAMPLE_EVERY_S = 5.0
 
@@ -70,10 +72,12 @@ def _recovery_remaining(app: faust.App) -> int:
 @web.middleware
 async def http_metrics(request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
                        ) -> web.StreamResponse:
-    """Count and time every request by its route template (``/api/v1/devices/{device_id}``)."""
+    """Count and time every request by its route template (``/api/v1/devices/{device_id}``), with
+    its correlation id bound to every log line written while it is handled."""
     started = time.perf_counter()
     route = _route(request)
     status = 500
+    structlog.contextvars.bind_contextvars(request_id=request_id(request), route=route)
     try:
         response = await handler(request)
         status = response.status
@@ -82,6 +86,7 @@ async def http_metrics(request: web.Request, handler: Callable[[web.Request], Aw
         status = exc.status
         raise
     finally:
+        structlog.contextvars.unbind_contextvars("request_id", "route")
         metrics.HTTP_DURATION.labels(route, request.method).observe(time.perf_counter() - started)
         metrics.HTTP_REQUESTS.labels(route, request.method, str(status)).inc()
 
