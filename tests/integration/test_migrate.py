@@ -4,6 +4,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import uuid
+from datetime import UTC, datetime, timedelta
 from collections.abc import Iterator
 
 import asyncpg
@@ -98,3 +99,46 @@ def test_upkeep_drops_days_past_retention_and_creates_days_ahead(scratch_db: Set
     created, dropped = asyncio.run(upkeep())
     assert (created, dropped) == (0, 91 + 1 - 31)
     assert asyncio.run(partitions(scratch_db.tsdb_dsn)) == 31 + 7
+
+
+def _expand_only(version: int) -> bool:
+    """Whether migration ``version`` claims to leave what came before it unchanged (its header says so)."""
+    path = next(m.up for m in discover(default_dir()) if m.version == version)
+    return "Expand-only" in path.read_text()
+
+
+def test_an_expand_only_migration_keeps_the_previous_release_working(scratch_db: Settings):
+    # The release before 0002 wrote and read measurements with these very statements (the sink's
+    # COPY → INSERT … ON CONFLICT, the readers' counts); 0002 claims expand-only, so they must work
+    # unchanged — and see the same rows — once 0002 is applied under them.
+    assert _expand_only(2)
+    m = migrator(scratch_db)
+    asyncio.run(m.up(target=1))
+    sink = MeasurementSink(scratch_db.tsdb_dsn, pool_size=1, connect_timeout_s=5, command_timeout_s=30)
+    now = datetime.now(UTC)
+
+    def rows(seq: int) -> list[tuple]:
+        return [(now - timedelta(seconds=seq), "compat-1", "temp", float(seq), f"compat-1-{seq}", seq)]
+
+    async def write_and_count(seqs: range) -> tuple[int, int]:
+        stored = 0
+        for seq in seqs:
+            stored += await sink.write(rows(seq))
+        conn = await asyncpg.connect(scratch_db.tsdb_dsn, timeout=10)
+        try:
+            total = await conn.fetchval("SELECT count(DISTINCT msg_id) FROM sensor_measurements WHERE device_id = $1",
+                                        "compat-1")
+        finally:
+            await conn.close()
+        return stored, int(total)
+
+    async def scenario() -> list[tuple[int, int]]:
+        try:
+            before = await write_and_count(range(0, 5))
+            await m.up()  # 0002 and later, under the running release
+            after = await write_and_count(range(0, 10))  # 5 replays (ignored) and 5 new
+            return [before, after]
+        finally:
+            await sink.stop()
+
+    assert asyncio.run(scenario()) == [(5, 5), (5, 10)]
