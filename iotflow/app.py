@@ -13,12 +13,14 @@ from iotflow.cache import DeviceCache, client_for
 from iotflow.dedup import DeviceAccount, LatestValues, Mark
 from iotflow.devices import registry_status
 from iotflow.errors import SettingsError
+from iotflow.firmware import FirmwareCatalogue
 from iotflow.ingest import IngestPipeline
 from iotflow.measurements import MeasurementReader
 from iotflow.outbox import OutboxRelay
 from iotflow.parking import ParkingLot
 from iotflow.pg import LazyPool
 from iotflow.registry import DeviceRegistry
+from iotflow.rollout_store import RolloutStore
 from iotflow.settings import DEV_JWT_SECRET, Settings
 from iotflow.sinks.timescale import MeasurementSink
 from iotflow.tables import devices as device_tables, ingest as ingest_tables
@@ -26,7 +28,7 @@ from iotflow.tables.batched import TableBatch, stored, warm_changelog_metadata
 from iotflow.telemetry import Limits
 from iotflow.transport import Transport
 from iotflow.worker import Worker as DrainingWorker
-from iotflow.web import devices, health, ingest as ingest_views, openapi, pipeline
+from iotflow.web import devices, firmware as firmware_views, health, ingest as ingest_views, openapi, pipeline
 from iotflow.web.auth import Guard
 
 log = structlog.get_logger(__name__)
@@ -115,6 +117,8 @@ def create_app(settings: Settings) -> faust.App:
     device_agents.register(app, settings, registry_table=registry_table, presence=presence_table,
                            registry=registry, relay=relay, cache=cache)
     devices.register(app, settings, registry, cache, registry_table, presence_table, latest, reader, guard)
+    firmware_views.register_rollouts(app, RolloutStore(registry), guard)
+    firmware_views.register(app, FirmwareCatalogue(registry), guard)
     health.register_readiness(app, registry_pool, cache)
     observability.register(app, settings, ingest_pipeline,
                            {"sink": sink.pool, "registry": registry_pool, "measurements": measurements_pool})

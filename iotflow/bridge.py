@@ -66,8 +66,12 @@ def route(mqtt_topic: str) -> Route | None:
     return Route(parts[1], parts[2], ROUTES[parts[2]])
 
 
-def subscriptions(group: str) -> list[str]:
-    return [f"$share/{group}/devices/+/{suffix}" for suffix in ROUTES]
+def subscriptions(group: str, mode: str = "shared") -> list[str]:
+    """The bridge's topic filters: shared (``$share/<group>/…``: bridges split the devices'
+    messages) or exclusive (every bridge gets every message; the broker keeps the subscription of
+    a persistent session across its own restart — Mosquitto 2.0 does not keep shared ones)."""
+    prefix = f"$share/{group}/" if mode == "shared" else ""
+    return [f"{prefix}devices/+/{suffix}" for suffix in ROUTES]
 
 
 class Bridge:
@@ -175,7 +179,7 @@ class Bridge:
             log.error("mqtt_connect_refused", reason=str(reason))
             return
         log.info("mqtt_connected", client_id=self.client_id)
-        client.subscribe([(t, 1) for t in subscriptions(self.settings.bridge_group)])
+        client.subscribe([(t, 1) for t in subscriptions(self.settings.bridge_group, self.settings.bridge_subscription)])
 
     def _on_message(self, client: mqtt.Client, userdata: object, message: mqtt.MQTTMessage) -> None:
         assert self._loop is not None

@@ -104,7 +104,7 @@ class Device:
 
 
 @dataclass
-class _Errors:
+class FieldErrors:
     found: list[dict[str, Any]] = field(default_factory=list)
 
     def add(self, field_name: str, value: Any, reason: str) -> None:
@@ -115,7 +115,7 @@ class _Errors:
             raise InvalidRequest(title, self.found)
 
 
-def _object(body: bytes) -> dict[str, Any]:
+def json_object(body: bytes) -> dict[str, Any]:
     try:
         value = msgspec.json.decode(body)
     except msgspec.DecodeError as exc:
@@ -126,35 +126,35 @@ def _object(body: bytes) -> dict[str, Any]:
     return value
 
 
-def _text(errors: _Errors, name: str, value: Any, pattern: re.Pattern[str], expected: str) -> str | None:
+def check_text(errors: FieldErrors, name: str, value: Any, pattern: re.Pattern[str], expected: str) -> str | None:
     if not isinstance(value, str) or not pattern.fullmatch(value):
         errors.add(name, value, f"expected {expected}")
         return None
     return value
 
 
-def _check_field(errors: _Errors, name: str, value: Any) -> Any:
+def _check_field(errors: FieldErrors, name: str, value: Any) -> Any:
     """One field of a registration or a change, checked; returns the value to store."""
     if name == "id":
-        return _text(errors, name, value, DEVICE_ID, "letters, digits and _.:- only, 1-128 characters")
+        return check_text(errors, name, value, DEVICE_ID, "letters, digits and _.:- only, 1-128 characters")
     if name == "name":
         if not isinstance(value, str) or not value.strip() or len(value) > MAX_NAME or _CONTROL.search(value):
             errors.add(name, value, f"expected a non-blank string of at most {MAX_NAME} characters, "
                                     "without control characters")
         return value
     if name == "type":
-        return _text(errors, name, value, TYPE, "letters, digits and _.:- only, 1-64 characters")
+        return check_text(errors, name, value, TYPE, "letters, digits and _.:- only, 1-64 characters")
     if name == "tags":
         if not isinstance(value, list) or len(value) > MAX_TAGS:
             errors.add(name, value, f"expected a list of at most {MAX_TAGS} tags")
             return ()
         for i, tag in enumerate(value):
-            _text(errors, f"tags[{i}]", tag, TAG, "letters, digits and _.:=/- only, 1-64 characters")
+            check_text(errors, f"tags[{i}]", tag, TAG, "letters, digits and _.:=/- only, 1-64 characters")
         return tuple(sorted({t for t in value if isinstance(t, str)}))
     if name == "firmware_version":
         if value is None:
             return None
-        return _text(errors, name, value, FIRMWARE_VERSION, "null or letters, digits and _.+- only, 1-64 characters")
+        return check_text(errors, name, value, FIRMWARE_VERSION, "null or letters, digits and _.+- only, 1-64 characters")
     if name == "status":
         if value not in STATUSES:
             errors.add(name, value, f"expected one of {', '.join(STATUSES)}")
@@ -163,8 +163,8 @@ def _check_field(errors: _Errors, name: str, value: Any) -> Any:
 
 
 def parse_registration(body: bytes) -> Registration:
-    raw = _object(body)
-    errors = _Errors()
+    raw = json_object(body)
+    errors = FieldErrors()
     for name in sorted(set(raw) - set(_REGISTRATION_FIELDS)):
         errors.add(name, raw[name], "unknown field")
     for name in ("id", "name", "type"):
@@ -176,8 +176,8 @@ def parse_registration(body: bytes) -> Registration:
 
 
 def parse_change(body: bytes) -> Change:
-    raw = _object(body)
-    errors = _Errors()
+    raw = json_object(body)
+    errors = FieldErrors()
     for name in sorted(set(raw) - set(_CHANGEABLE_FIELDS)):
         reason = "cannot be changed" if name in ("id", "version", "created_at", "updated_at", "deleted_at",
                                                  "last_seen") else "unknown field"
@@ -207,7 +207,7 @@ def encode_cursor(last_id: str) -> str:
     return base64.urlsafe_b64encode(last_id.encode()).decode().rstrip("=")
 
 
-def _decode_cursor(errors: _Errors, cursor: str) -> str | None:
+def _decode_cursor(errors: FieldErrors, cursor: str) -> str | None:
     try:
         last_id = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
     except (binascii.Error, UnicodeDecodeError, ValueError):
@@ -220,7 +220,7 @@ def _decode_cursor(errors: _Errors, cursor: str) -> str | None:
 
 def parse_query(params: Any) -> DeviceQuery:
     """``GET /devices`` query parameters (a multidict: ``tag`` may repeat)."""
-    errors = _Errors()
+    errors = FieldErrors()
     known = {"type", "status", "firmware_version", "tag", "limit", "cursor"}
     for name in sorted(set(params.keys()) - known):
         errors.add(name, params.get(name), "unknown query parameter")
@@ -228,7 +228,7 @@ def parse_query(params: Any) -> DeviceQuery:
     for name in ("type", "status", "firmware_version"):
         if name in params:
             values[name] = _check_field(errors, name, params.get(name))
-    values["tags"] = tuple(sorted({_text(errors, "tag", t, TAG, "a tag") or "" for t in params.getall("tag", [])}))
+    values["tags"] = tuple(sorted({check_text(errors, "tag", t, TAG, "a tag") or "" for t in params.getall("tag", [])}))
     if "limit" in params:
         raw = params.get("limit")
         if not raw.isdigit() or not 1 <= int(raw) <= MAX_PAGE:
@@ -303,7 +303,7 @@ class TelemetryQuery:
     metric: str | None = None
 
 
-def _instant(errors: _Errors, name: str, raw: str) -> datetime | None:
+def _instant(errors: FieldErrors, name: str, raw: str) -> datetime | None:
     try:
         value = datetime.fromisoformat(raw)
     except ValueError:
@@ -318,7 +318,7 @@ def _instant(errors: _Errors, name: str, raw: str) -> datetime | None:
 def parse_telemetry_query(params: Any, now: datetime) -> TelemetryQuery:
     """``GET /devices/{id}/telemetry`` parameters: ``from``/``to`` (default: the last hour),
     ``bucket`` as ``<n>s|m|h|d`` (default 1m), ``metric`` (default: every metric)."""
-    errors = _Errors()
+    errors = FieldErrors()
     for name in sorted(set(params.keys()) - {"from", "to", "bucket", "metric"}):
         errors.add(name, params.get(name), "unknown query parameter")
     end = _instant(errors, "to", params.get("to")) if "to" in params else now

@@ -140,3 +140,37 @@ class VersionMismatch(IotflowError):
         self.expected = expected
         self.current = current
         super().__init__(f"device {device_id!r} is at version {current}, not {expected}; read it again and retry")
+
+
+class FirmwareNotFound(IotflowError):
+    """No such firmware version in the catalogue."""
+
+    def __init__(self, version: str) -> None:
+        self.version = version
+        super().__init__(f"no firmware version {version!r}")
+
+
+class FirmwareConflict(IotflowError):
+    """A firmware version exists with another URL, size or checksum (a published version never changes)."""
+
+    def __init__(self, version: str, fields: list[str]) -> None:
+        self.version = version
+        self.fields = fields
+        super().__init__(f"firmware {version!r} is published with other values of {', '.join(fields)}; "
+                         "publish a new version instead")
+
+
+class IdempotencyMismatch(IotflowError):
+    """An Idempotency-Key already used for a request with another body."""
+
+    def __init__(self, key: str, rollout_id: str) -> None:
+        self.key = key
+        self.rollout_id = rollout_id
+        super().__init__(f"Idempotency-Key {key!r} was used for another request (rollout {rollout_id}); "
+                         "a retry must repeat the original body, a new request needs a new key")
+
+
+class RolloutNotFound(IotflowError):
+    def __init__(self, rollout_id: str) -> None:
+        self.rollout_id = rollout_id
+        super().__init__(f"no rollout {rollout_id!r}")

@@ -38,7 +38,7 @@ class DeviceRegistry:
         self.pool = pool
 
     @contextlib.asynccontextmanager
-    async def _connection(self, *, transaction: bool = False) -> AsyncIterator[asyncpg.Connection]:
+    async def connection(self, *, transaction: bool = False) -> AsyncIterator[asyncpg.Connection]:
         """A pooled connection (in a transaction if asked); transient driver errors become
         :class:`RegistryUnavailable` at this boundary."""
         try:
@@ -58,7 +58,7 @@ class DeviceRegistry:
 
     async def register(self, registration: Registration) -> tuple[Device, bool]:
         """The device and whether this call created it."""
-        async with self._connection(transaction=True) as conn:
+        async with self.connection(transaction=True) as conn:
             created = await conn.fetchrow(
                 f"INSERT INTO devices (id, name, type, tags, firmware_version, status) "
                 f"VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (id) DO NOTHING RETURNING {_COLUMNS}",
@@ -82,7 +82,7 @@ class DeviceRegistry:
         """Provision a fleet in one transaction: devices not registered yet are created with their
         ``registered`` events; ids that exist (live or deleted) are left as they are. Returns how
         many were created."""
-        async with self._connection(transaction=True) as conn:
+        async with self.connection(transaction=True) as conn:
             created = await conn.fetch(
                 f"INSERT INTO devices (id, name, type, tags, firmware_version, status) "
                 f"SELECT r.id, r.name, r.type, ARRAY(SELECT jsonb_array_elements_text(r.tags)), r.firmware_version, r.status "
@@ -96,7 +96,7 @@ class DeviceRegistry:
         return len(created)
 
     async def get(self, device_id: str) -> Device:
-        async with self._connection() as conn:
+        async with self.connection() as conn:
             record = await conn.fetchrow(f"SELECT {_COLUMNS} FROM devices WHERE id = $1 AND deleted_at IS NULL",
                                          device_id)
         if record is None:
@@ -119,7 +119,7 @@ class DeviceRegistry:
             where.append(f"id > ${len(args)}")
         args.append(query.limit + 1)
         sql = f"SELECT {_COLUMNS} FROM devices WHERE {' AND '.join(where)} ORDER BY id LIMIT ${len(args)}"
-        async with self._connection() as conn:
+        async with self.connection() as conn:
             records = await conn.fetch(sql, *args)
         devices = [_device(r) for r in records[: query.limit]]
         more = len(records) > query.limit
@@ -129,7 +129,7 @@ class DeviceRegistry:
         """Apply ``change`` if the device is at ``expected_version`` (None: whatever version it is at)."""
         assignments = [f"{name} = ${i}" for i, name in enumerate(change.values, start=3)]
         values = [list(v) if name == "tags" else v for name, v in change.values.items()]
-        async with self._connection(transaction=True) as conn:
+        async with self.connection(transaction=True) as conn:
             current = await _locked(conn, device_id, expected_version)
             record = await conn.fetchrow(
                 f"UPDATE devices SET {', '.join(assignments)}, version = version + 1, updated_at = now() "
@@ -145,7 +145,7 @@ class DeviceRegistry:
         new version: presence is not a change of the device); returns the rows moved."""
         if not seen:
             return 0
-        async with self._connection() as conn:
+        async with self.connection() as conn:
             status = await conn.execute(
                 "UPDATE devices d SET last_seen = v.seen FROM unnest($1::text[], $2::timestamptz[]) AS v(id, seen) "
                 "WHERE d.id = v.id AND (d.last_seen IS NULL OR d.last_seen < v.seen)",
@@ -154,7 +154,7 @@ class DeviceRegistry:
 
     async def delete(self, device_id: str, expected_version: int | None) -> Device:
         """Soft delete: the row stays with ``deleted_at`` set; its id cannot be registered again."""
-        async with self._connection(transaction=True) as conn:
+        async with self.connection(transaction=True) as conn:
             await _locked(conn, device_id, expected_version)
             record = await conn.fetchrow(
                 f"UPDATE devices SET deleted_at = now(), updated_at = now(), version = version + 1 "

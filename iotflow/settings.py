@@ -210,6 +210,7 @@ class Settings:
         "iotflow-bridge-1", _non_empty, "MQTT client id of a bridge: stable, and distinct per bridge"
     )
     bridge_group: str = _setting("iotflow-bridge", _non_empty, "shared-subscription group the bridges split load in")
+    bridge_subscription: str = _setting("shared", _choice("shared", "exclusive"), "shared: bridges split the load (Mosquitto 2.0 drops what arrives between its restart and their reconnect); exclusive: each bridge takes everything, kept across broker restarts")
     bridge_metrics_port: int = _setting(9108, _port, "port of the bridge's Prometheus /metrics (bound on IOTFLOW_WEB_HOST)")
     bridge_max_in_flight: int = _setting(1000, _positive_int, "MQTT messages a bridge holds unacknowledged (Receive Maximum)")
     bridge_device_rate_per_s: float = _setting(50.0, _positive_number("messages per second"), "messages/s a device may send before the bridge delays it")

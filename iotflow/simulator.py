@@ -17,7 +17,6 @@ from __future__ import annotations
 import asyncio
 import json
 import random
-from collections import deque
 import sys
 import threading
 import time
@@ -44,6 +43,8 @@ class DeviceReport:
     duplicates: int = 0
     malformed: int = 0
     acked: int = 0  # PUBACKs received from the broker (valid, duplicate and malformed alike)
+    connection_losses: int = 0  # times the connection dropped while the device was running
+    buffer_overflows: int = 0  # messages refused because the local buffer was full (lost by the device)
 
 
 @dataclass
@@ -69,8 +70,9 @@ class _Device:
     rng: random.Random
     seq: int = 0
     reconnects: int = 0
+    stopping: bool = False  # set before the run's own disconnect
     connected: threading.Event = field(default_factory=threading.Event)
-    unacked: deque[mqtt.MQTTMessageInfo] = field(default_factory=deque)
+    published: int = 0  # QoS 1 publishes handed to paho (sent, or queued while disconnected)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
@@ -129,6 +131,8 @@ class Fleet:
 
         def on_disconnect(c: mqtt.Client, u: object, flags: object, reason: object, props: object) -> None:
             device.connected.clear()
+            if not device.stopping:
+                device.report.connection_losses += 1
             # Full jitter before paho's own reconnect: a fleet dropped at once comes back spread out.
             time.sleep(full_jitter(device.reconnects, base_s=0.2, cap_s=10.0, rng=device.rng))
             device.reconnects += 1
@@ -153,10 +157,14 @@ class Fleet:
                 raise TimeoutError(f"{device.report.device_id} could not connect to {self.settings.mqtt_url}")
 
     def _publish(self, device: _Device, suffix: str, payload: bytes) -> None:
+        # While disconnected paho keeps QoS 1 messages in its queue (rc MQTT_ERR_NO_CONN) and sends
+        # them on reconnect: the device's local buffer. Only a full queue refuses one.
         info = device.client.publish(f"devices/{device.report.device_id}/{suffix}", payload, qos=1)
-        device.unacked.append(info)
-        while device.unacked and device.unacked[0].is_published():
-            device.unacked.popleft()
+        if info.rc == mqtt.MQTT_ERR_QUEUE_SIZE:
+            device.report.buffer_overflows += 1
+            return
+        with device.lock:
+            device.published += 1
 
     def _send_one(self, device: _Device, now_ms: int) -> None:
         cfg, report, rng = self.config, device.report, device.rng
@@ -214,6 +222,7 @@ class Fleet:
                 time.sleep(sleep)
         self._wait_for_acks(timeout=120)
         for device in self.devices:
+            device.stopping = True
             device.client.disconnect()
             device.client.loop_stop()
         return self.summary(time.monotonic() - started)
@@ -221,14 +230,10 @@ class Fleet:
     def _wait_for_acks(self, timeout: float) -> None:
         """Wait until the broker acknowledged every message the devices published (or the timeout)."""
         deadline = time.monotonic() + timeout
-        for device in self.devices:
-            while device.unacked:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    return
-                device.unacked[0].wait_for_publish(timeout=remaining)
-                if device.unacked[0].is_published():
-                    device.unacked.popleft()
+        while time.monotonic() < deadline:
+            if all(d.report.acked >= d.published for d in self.devices):
+                return
+            time.sleep(0.05)
 
     def _print_progress(self) -> None:
         sent = sum(d.report.sent for d in self.devices)
@@ -239,6 +244,7 @@ class Fleet:
 
     def summary(self, elapsed_s: float) -> dict[str, object]:
         reports = [asdict(d.report) for d in self.devices]
-        totals = {k: sum(r[k] for r in reports) for k in ("sent", "duplicates", "malformed", "acked")}
+        totals = {k: sum(r[k] for r in reports)
+                  for k in ("sent", "duplicates", "malformed", "acked", "connection_losses", "buffer_overflows")}
         return {"elapsed_s": round(elapsed_s, 3), "seed": self.config.seed, "totals": totals,
                 "devices": {r["device_id"]: r for r in reports}}

@@ -72,3 +72,27 @@ def start_worker(settings: Settings, tmp_path: Path) -> Iterator[Callable[..., W
     yield start
     for worker in started:
         worker.__exit__(None, None, None)
+
+
+@pytest.fixture(scope="module")
+def start_module_worker(stack: Settings, tmp_path_factory: pytest.TempPathFactory
+                        ) -> Iterator[Callable[[str], tuple[WorkerProcess, Settings]]]:
+    """Factory: one ready worker for a module (its tests share it and keep to their own ids), with
+    its own topics and app id; returns the worker and those settings."""
+    started: list[WorkerProcess] = []
+
+    def start(name: str) -> tuple[WorkerProcess, Settings]:
+        run = uuid.uuid4().hex[:8]
+        own = dataclasses.replace(stack, topic_prefix=f"t{run}-", app_id=f"iotflow-test-{run}")
+        asyncio.run(ensure_topics(own))
+        state = tmp_path_factory.mktemp(name)
+        env = {"IOTFLOW_APP_ID": own.app_id, "IOTFLOW_TOPIC_PREFIX": own.topic_prefix,
+               "IOTFLOW_WEB_PORT": str(free_port()), "IOTFLOW_DATA_DIR": str(state)}
+        worker = WorkerProcess(env, state / "worker.log").start()
+        started.append(worker)
+        worker.wait_ready()
+        return worker, own
+
+    yield start
+    for worker in started:
+        worker.__exit__(None, None, None)

@@ -13,10 +13,8 @@ the device on record, 503 (with ``Retry-After``) a registry database that is not
 """
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 
-import asyncpg
 import faust
 from faust.web import Request, Response, View
 
@@ -31,44 +29,20 @@ from iotflow.devices import (
     parse_registration,
     parse_telemetry_query,
 )
-from iotflow.errors import DeviceConflict, DeviceNotFound, InvalidRequest, RegistryUnavailable, VersionMismatch
+from iotflow.errors import RegistryUnavailable
 from iotflow.measurements import MeasurementReader
 from iotflow.pg import is_transient
 from iotflow.registry import DeviceRegistry
 from iotflow.settings import Settings
 from iotflow.web.auth import Guard
-from iotflow.web.problems import HEADER, problem, request_id
+from iotflow.web.problems import HEADER, answer, problem, request_id
 
 PREFIX = "/api/v1/devices"
-_RETRY_AFTER_S = 2
 
 
 def _device_response(view: View, request: Request, device: Device, status: int = 200, **headers: str) -> Response:
     return view.json(device.to_json(), status=status,
                      headers={HEADER: request_id(request), "ETag": device.etag, **headers})
-
-
-async def _answer(view: View, request: Request, work: Callable[[], Awaitable[Response]]) -> Response:
-    """Run ``work``; map the registry's errors to problem+json answers."""
-    try:
-        return await work()
-    except InvalidRequest as exc:
-        return problem(view, request, 422, exc.title, str(exc), errors=exc.errors)
-    except DeviceNotFound as exc:
-        return problem(view, request, 404, "No such device", str(exc), device_id=exc.device_id)
-    except DeviceConflict as exc:
-        return problem(view, request, 409, "Device registered with other values", str(exc),
-                       device_id=exc.device_id, fields=exc.fields)
-    except VersionMismatch as exc:
-        return problem(view, request, 412, "Device changed since it was read", str(exc),
-                       device_id=exc.device_id, current_version=exc.current)
-    except asyncpg.DataError as exc:
-        # Validation should have caught it; if the database still refuses a value, say so (not 500).
-        return problem(view, request, 422, "Value refused by the database", f"{exc.__class__.__name__}: {exc}")
-    except RegistryUnavailable as exc:
-        response = problem(view, request, 503, "Device registry unavailable", str(exc))
-        response.headers["Retry-After"] = str(_RETRY_AFTER_S)
-        return response
 
 
 def register(app: faust.App, settings: Settings, registry: DeviceRegistry, cache: DeviceCache, table: faust.Table,
@@ -96,7 +70,7 @@ def register(app: faust.App, settings: Settings, registry: DeviceRegistry, cache
                 if created:
                     return _device_response(self, request, device, 201, Location=f"{PREFIX}/{device.id}")
                 return _device_response(self, request, device)
-            return await _answer(self, request, work)
+            return await answer(self, request, work)
 
         @guard.requires("viewer")
         async def get(self, request: Request) -> Response:
@@ -104,7 +78,7 @@ def register(app: faust.App, settings: Settings, registry: DeviceRegistry, cache
                 devices, cursor = await registry.list(parse_query(request.query))
                 body = {"items": [d.to_json() for d in devices], "next_cursor": cursor}
                 return self.json(body, headers={HEADER: request_id(request)})
-            return await _answer(self, request, work)
+            return await answer(self, request, work)
 
     @app.page(PREFIX + "/{device_id}")
     class OneDevice(View):
@@ -112,7 +86,7 @@ def register(app: faust.App, settings: Settings, registry: DeviceRegistry, cache
         async def get(self, request: Request, device_id: str) -> Response:
             async def work() -> Response:
                 return _device_response(self, request, await read(device_id))
-            return await _answer(self, request, work)
+            return await answer(self, request, work)
 
         @guard.requires("operator")
         async def patch(self, request: Request, device_id: str) -> Response:
@@ -120,14 +94,14 @@ def register(app: faust.App, settings: Settings, registry: DeviceRegistry, cache
                 change = parse_change(await self.read_request_content(request))
                 version = parse_if_match(request.headers.get("If-Match"))
                 return _device_response(self, request, await changed(await registry.update(device_id, change, version)))
-            return await _answer(self, request, work)
+            return await answer(self, request, work)
 
         @guard.requires("admin")
         async def delete(self, request: Request, device_id: str) -> Response:
             async def work() -> Response:
                 version = parse_if_match(request.headers.get("If-Match"))
                 return _device_response(self, request, await changed(await registry.delete(device_id, version)))
-            return await _answer(self, request, work)
+            return await answer(self, request, work)
 
     @app.page(PREFIX + "/{device_id}/telemetry")
     @guard.requires("viewer")
@@ -145,7 +119,7 @@ def register(app: faust.App, settings: Settings, registry: DeviceRegistry, cache
             body = {"device_id": device_id, "from": query.start.isoformat(), "to": query.end.isoformat(),
                     "bucket_s": query.bucket_s, "metric": query.metric, "buckets": buckets}
             return self.json(body, headers={HEADER: request_id(request)})
-        return await _answer(self, request, work)
+        return await answer(self, request, work)
 
     @app.page(PREFIX + "/{device_id}/state")
     @guard.requires("viewer")

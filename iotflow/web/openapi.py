@@ -12,6 +12,8 @@ import faust
 from faust.web import Request, Response, View
 
 from iotflow.devices import FIRMWARE_VERSION, MAX_NAME, MAX_PAGE, MAX_TAGS, STATUSES, TAG, TYPE
+from iotflow.firmware import MAX_SIZE_BYTES
+from iotflow.rollouts import MAX_TARGET_IDS, MAX_WAVES, ROLLOUT_STATUSES
 from iotflow.telemetry import DEVICE_ID, METRIC
 
 PATH = "/api/v1/openapi.json"
@@ -48,6 +50,13 @@ _FIELDS: dict[str, Any] = {
     "tags": _TAGS,
     "firmware_version": {"type": ["string", "null"], "pattern": f"^{FIRMWARE_VERSION.pattern}$"},
     "status": {"enum": list(STATUSES)},
+}
+
+_FIRMWARE_FIELDS: dict[str, Any] = {
+    "version": {"type": "string", "pattern": f"^{FIRMWARE_VERSION.pattern}$"},
+    "url": {"type": "string", "pattern": r"^https?://[^\s\u0000-\u001f\u007f]{1,2040}$"},
+    "size_bytes": {"type": "integer", "minimum": 1, "maximum": MAX_SIZE_BYTES},
+    "sha256": {"type": "string", "pattern": "^[0-9a-f]{64}$"},
 }
 
 
@@ -110,6 +119,36 @@ def document() -> dict[str, Any]:
     device_accounting = {"get": {"summary": "One device's accounting", "security": [{"bearer": []}],
                                  "parameters": [_DEVICE_ID],
                                  "responses": {"200": _json({"type": "object"}, "the account"), **_PROBLEMS}}}
+    version_param = {"name": "version", "in": "path", "required": True,
+                     "schema": {"type": "string", "pattern": f"^{FIRMWARE_VERSION.pattern}$"}}
+    firmware_list = {
+        "get": {"summary": "The firmware catalogue, by version (keyset pages)", "security": [{"bearer": []}],
+                "parameters": [{"name": "after", "in": "query", "schema": version_param["schema"]}],
+                "responses": {"200": _json({"type": "object"}, "a page of versions"), **_PROBLEMS}},
+        "post": {"summary": "Publish a firmware version (the same again is not an error)", "security": [{"bearer": []}],
+                 "requestBody": {"required": True, "content": {"application/json": {"schema": _ref("FirmwareRelease")}}},
+                 "responses": {"201": _json(_ref("Firmware"), "published"), "200": _json(_ref("Firmware"), "as published"),
+                               "409": _problem("published with other values"), **_PROBLEMS}}}
+    firmware_one = {"get": {"summary": "One firmware version", "security": [{"bearer": []}], "parameters": [version_param],
+                            "responses": {"200": _json(_ref("Firmware"), "the version"), "404": _problem("unknown"),
+                                          **_PROBLEMS}}}
+    rollouts = {
+        "post": {"summary": "Create a rollout (once per Idempotency-Key)", "security": [{"bearer": []}],
+                 "parameters": [{"name": "Idempotency-Key", "in": "header", "required": True,
+                                 "schema": {"type": "string", "pattern": "^[\\x21-\\x7e]{1,200}$"}}],
+                 "requestBody": {"required": True, "content": {"application/json": {"schema": _ref("RolloutRequest")}}},
+                 "responses": {"201": _json(_ref("Rollout"), "created, targets resolved and planned in waves"),
+                               "200": _json(_ref("Rollout"), "the rollout this key created before"),
+                               **_PROBLEMS}},
+        "get": {"summary": "The newest rollouts", "security": [{"bearer": []}],
+                "parameters": [{"name": "status", "in": "query", "schema": {"enum": list(ROLLOUT_STATUSES)}}],
+                "responses": {"200": _json({"type": "object"}, "rollouts"), **_PROBLEMS}}}
+    one_rollout = {"get": {"summary": "A rollout with its devices counted per state and per wave",
+                           "security": [{"bearer": []}],
+                           "parameters": [{"name": "rollout_id", "in": "path", "required": True,
+                                           "schema": {"type": "string"}}],
+                           "responses": {"200": _json(_ref("Rollout"), "the rollout"), "404": _problem("unknown"),
+                                         **_PROBLEMS}}}
     return {
         "openapi": "3.1.0",
         "info": {"title": "iotflow", "version": "1", "description": "Device management and pipeline API "
@@ -120,6 +159,10 @@ def document() -> dict[str, Any]:
             "/api/v1/devices/{device_id}/telemetry": telemetry,
             "/api/v1/devices/{device_id}/state": state,
             "/api/v1/ingest": ingest,
+            "/api/v1/firmware": firmware_list,
+            "/api/v1/firmware/rollouts": rollouts,
+            "/api/v1/firmware/rollouts/{rollout_id}": one_rollout,
+            "/api/v1/firmware/{version}": firmware_one,
             "/api/v1/pipeline/accounting": accounting,
             "/api/v1/pipeline/accounting/devices/{device_id}": device_accounting,
             PATH: {"get": {"summary": "This document", "responses": {"200": _json({"type": "object"}, "it")}}},
@@ -127,6 +170,46 @@ def document() -> dict[str, Any]:
         "components": {
             "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer", "bearerFormat": "JWT"}},
             "schemas": {
+                "RolloutRequest": {
+                    "type": "object", "additionalProperties": False, "required": ["firmware", "targets"],
+                    "properties": {
+                        "firmware": _FIRMWARE_FIELDS["version"],
+                        "targets": {"oneOf": [
+                            {"type": "object", "additionalProperties": False, "required": ["devices"],
+                             "properties": {"devices": {"type": "array", "minItems": 1, "maxItems": MAX_TARGET_IDS,
+                                                        "items": _DEVICE_ID["schema"]}}},
+                            {"type": "object", "additionalProperties": False, "required": ["filter"],
+                             "properties": {"filter": {"type": "object", "additionalProperties": False, "minProperties": 1,
+                                                       "properties": {"type": _FIELDS["type"],
+                                                                      "tags": {**_TAGS, "minItems": 1},
+                                                                      "firmware_version": _FIRMWARE_FIELDS["version"]}}}}]},
+                        "waves": {"oneOf": [
+                            {"type": "object", "additionalProperties": False, "required": ["percent"],
+                             "properties": {"percent": {"type": "array", "minItems": 1, "maxItems": MAX_WAVES,
+                                                        "items": {"type": "number", "exclusiveMinimum": 0, "maximum": 100}}}},
+                            {"type": "object", "additionalProperties": False, "required": ["sizes"],
+                             "properties": {"sizes": {"type": "array", "minItems": 1, "maxItems": MAX_WAVES,
+                                                      "items": {"type": "integer", "minimum": 1}}}}]},
+                        "success_pct": {"type": "number", "minimum": 0, "maximum": 100},
+                        "abort": {"type": "object", "additionalProperties": False, "properties": {
+                            "failure_states": {"type": "array", "minItems": 1,
+                                               "items": {"enum": ["FAILED", "TIMED_OUT", "REJECTED"]}},
+                            "threshold_pct": {"type": "number", "minimum": 0, "maximum": 100},
+                            "min_executed": {"type": "integer", "minimum": 1, "maximum": MAX_TARGET_IDS}}},
+                        "device_timeout_s": {"type": "integer", "minimum": 10, "maximum": 7 * 86400},
+                        "retries": {"type": "integer", "minimum": 0, "maximum": 10},
+                        "dispatch_per_s": {"type": "number", "minimum": 0.1, "maximum": 10000}}},
+                "Rollout": {"type": "object", "required": ["id", "firmware_version", "status", "spec", "devices",
+                                                           "by_state", "waves"],
+                            "properties": {"id": {"type": "string"}, "firmware_version": {"type": "string"},
+                                           "status": {"enum": list(ROLLOUT_STATUSES)}, "spec": {"type": "object"},
+                                           "devices": {"type": "integer"}, "by_state": {"type": "object"},
+                                           "waves": {"type": "array"}}},
+                "FirmwareRelease": {"type": "object", "additionalProperties": False,
+                                    "required": ["version", "url", "size_bytes", "sha256"],
+                                    "properties": _FIRMWARE_FIELDS},
+                "Firmware": {"type": "object", "required": ["version", "url", "size_bytes", "sha256", "created_at"],
+                             "properties": {**_FIRMWARE_FIELDS, "created_at": {"type": ["string", "null"]}}},
                 "Registration": {"type": "object", "additionalProperties": False,
                                  "required": ["id", "name", "type"],
                                  "properties": {"id": _DEVICE_ID["schema"], **_FIELDS}},

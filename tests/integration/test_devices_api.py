@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
-import uuid
 from datetime import UTC, datetime, timedelta
 from urllib.parse import quote
 
@@ -14,26 +13,18 @@ import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
 from iotflow import topics
-from iotflow.kafka_admin import ensure_topics
 from iotflow.settings import Settings
 from iotflow import auth
-from iotflow.testing import WorkerProcess, bearer, free_port, http_json, wait_for
+from iotflow.testing import bearer, http_json, wait_for
 
 pytestmark = pytest.mark.timeout(240)
 
 
 @pytest.fixture(scope="module")
-def api(stack, tmp_path_factory):
+def api(start_module_worker):
     """One worker for the module: these tests share it and keep to their own device ids."""
-    run = uuid.uuid4().hex[:8]
-    own = dataclasses.replace(stack, topic_prefix=f"t{run}-", app_id=f"iotflow-test-{run}")
-    asyncio.run(ensure_topics(own))
-    state = tmp_path_factory.mktemp("devices-api")
-    env = {"IOTFLOW_APP_ID": own.app_id, "IOTFLOW_TOPIC_PREFIX": own.topic_prefix,
-           "IOTFLOW_WEB_PORT": str(free_port()), "IOTFLOW_DATA_DIR": str(state)}
-    with WorkerProcess(env, state / "worker.log") as worker:
-        worker.wait_ready()
-        yield Api(worker.url + "/api/v1/devices", own)
+    worker, own = start_module_worker("devices-api")
+    return Api(worker.url + "/api/v1/devices", own)
 
 
 @dataclasses.dataclass(frozen=True)

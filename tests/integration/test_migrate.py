@@ -12,6 +12,9 @@ import pytest
 
 from iotflow.migrate import default_dir, discover, migrator
 from iotflow.settings import Settings
+from iotflow.devices import Registration
+from iotflow.pg import LazyPool
+from iotflow.registry import DeviceRegistry
 from iotflow.sinks.timescale import MeasurementSink
 
 
@@ -64,11 +67,11 @@ def test_up_down_up_and_a_second_up_changes_nothing(scratch_db: Settings):
     assert [s.applied for s in asyncio.run(m.status())] == [True] * len(versions)
     # Plain PostgreSQL here: daily partitions from the retention window back to a week ahead.
     assert asyncio.run(partitions(scratch_db.tsdb_dsn)) == 91 + 1 + 7
-    assert asyncio.run(tables(scratch_db.tsdb_dsn)) == {"sensor_measurements", "devices", "device_outbox"}
+    assert asyncio.run(tables(scratch_db.tsdb_dsn)) == {"sensor_measurements", "devices", "device_outbox", "firmware", "rollouts", "rollout_devices"}
     assert [x.version for x in asyncio.run(m.down(0))] == versions[::-1]
     assert asyncio.run(tables(scratch_db.tsdb_dsn)) == set()
     assert [x.version for x in asyncio.run(m.up())] == versions
-    assert asyncio.run(tables(scratch_db.tsdb_dsn)) == {"sensor_measurements", "devices", "device_outbox"}
+    assert asyncio.run(tables(scratch_db.tsdb_dsn)) == {"sensor_measurements", "devices", "device_outbox", "firmware", "rollouts", "rollout_devices"}
 
 
 def test_down_to_a_version_keeps_what_came_before(scratch_db: Settings):
@@ -107,38 +110,45 @@ def _expand_only(version: int) -> bool:
     return "Expand-only" in path.read_text()
 
 
-def test_an_expand_only_migration_keeps_the_previous_release_working(scratch_db: Settings):
-    # The release before 0002 wrote and read measurements with these very statements (the sink's
-    # COPY → INSERT … ON CONFLICT, the readers' counts); 0002 claims expand-only, so they must work
-    # unchanged — and see the same rows — once 0002 is applied under them.
-    assert _expand_only(2)
+@pytest.mark.parametrize("version", [m.version for m in discover(default_dir()) if _expand_only(m.version)])
+def test_an_expand_only_migration_keeps_the_previous_release_working(scratch_db: Settings, version: int):
+    # The release before ``version`` wrote and read with these very statements (the sink's COPY →
+    # INSERT … ON CONFLICT and the readers' counts; from 0002 on, the registry's register and get
+    # with their outbox rows). The migration claims expand-only, so they must work unchanged — and
+    # see the same rows — once it is applied under them.
     m = migrator(scratch_db)
-    asyncio.run(m.up(target=1))
+    asyncio.run(m.up(target=version - 1))
     sink = MeasurementSink(scratch_db.tsdb_dsn, pool_size=1, connect_timeout_s=5, command_timeout_s=30)
+    pool = LazyPool(scratch_db.pg_dsn, size=1, connect_timeout_s=5, command_timeout_s=30, application_name="compat")
+    registry = DeviceRegistry(pool)
     now = datetime.now(UTC)
 
-    def rows(seq: int) -> list[tuple]:
-        return [(now - timedelta(seconds=seq), "compat-1", "temp", float(seq), f"compat-1-{seq}", seq)]
-
-    async def write_and_count(seqs: range) -> tuple[int, int]:
+    async def previous_release(seqs: range) -> tuple[int, int, int]:
         stored = 0
         for seq in seqs:
-            stored += await sink.write(rows(seq))
+            stored += await sink.write([(now - timedelta(seconds=seq), "compat-1", "temp", float(seq), f"compat-1-{seq}", seq)])
+        devices = 0
+        if version - 1 >= 2:
+            for seq in seqs:
+                await registry.register(Registration(id=f"compat-{seq}", name="n", type="t"))
+            devices = len([await registry.get(f"compat-{seq}") for seq in seqs])
         conn = await asyncpg.connect(scratch_db.tsdb_dsn, timeout=10)
         try:
             total = await conn.fetchval("SELECT count(DISTINCT msg_id) FROM sensor_measurements WHERE device_id = $1",
                                         "compat-1")
         finally:
             await conn.close()
-        return stored, int(total)
+        return stored, int(total), devices
 
-    async def scenario() -> list[tuple[int, int]]:
+    async def scenario() -> list[tuple[int, int, int]]:
         try:
-            before = await write_and_count(range(0, 5))
-            await m.up()  # 0002 and later, under the running release
-            after = await write_and_count(range(0, 10))  # 5 replays (ignored) and 5 new
+            before = await previous_release(range(0, 5))
+            await m.up(target=version)  # applied under the running release
+            after = await previous_release(range(0, 10))  # 5 replays (ignored) and 5 new
             return [before, after]
         finally:
             await sink.stop()
+            await pool.close()
 
-    assert asyncio.run(scenario()) == [(5, 5), (5, 10)]
+    with_registry = version - 1 >= 2
+    assert asyncio.run(scenario()) == [(5, 5, 5 if with_registry else 0), (5, 10, 10 if with_registry else 0)]

@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -16,8 +17,9 @@ from iotflow.simulator import Fleet, FleetConfig
 from iotflow.testing import dlq_messages, free_port, http_get_json, stored_messages
 
 
-def start_bridge(settings, tmp_path: Path, client_id: str, metrics_port: int | None = None) -> subprocess.Popen[bytes]:
-    env = {**os.environ, "IOTFLOW_TOPIC_PREFIX": settings.topic_prefix, "IOTFLOW_BRIDGE_CLIENT_ID": client_id,
+def start_bridge(settings, tmp_path: Path, client_id: str, metrics_port: int | None = None,
+                 **extra: str) -> subprocess.Popen[bytes]:
+    env = {**os.environ, **extra, "IOTFLOW_TOPIC_PREFIX": settings.topic_prefix, "IOTFLOW_BRIDGE_CLIENT_ID": client_id,
            "IOTFLOW_BRIDGE_GROUP": f"g{settings.topic_prefix}", "IOTFLOW_BRIDGE_DEVICE_RATE_PER_S": "1000",
            "IOTFLOW_BRIDGE_DEVICE_BURST": "1000", "IOTFLOW_BRIDGE_METRICS_PORT": str(metrics_port or free_port())}
     with open(tmp_path / f"bridge-{client_id}.log", "ab") as log:
@@ -30,6 +32,37 @@ def bridge_metric(port: int, name: str) -> float:
         text = response.read().decode()
     return sum(float(line.split()[-1]) for line in text.splitlines()
                if line.startswith(name + " ") or line.startswith(name + "{"))
+
+
+class FleetThroughBridge:
+    """A worker and a bridge for this test, then a simulated fleet sending in a thread: the
+    setting of every fault test on the MQTT path. ``result`` has the fleet's summary once
+    ``sender`` has finished."""
+
+    def __init__(self, settings, start_worker, run_id: str, tmp_path: Path, config: FleetConfig,
+                 **bridge_env: str) -> None:
+        self.bridge_env = bridge_env
+        self.worker = start_worker()
+        self.worker.wait_ready()
+        self.settings, self.tmp_path, self.client_id = settings, tmp_path, f"bridge-{run_id}"
+        self.log = tmp_path / f"bridge-{self.client_id}.log"
+        self.bridge = self.start_bridge()
+        wait_for_log(self.log, "mqtt_connected")
+        self.prefix = config.prefix + "-"
+        self.result: dict = {}
+        fleet = Fleet(settings, config)
+        self.sender = threading.Thread(target=lambda: self.result.update(fleet.run()))
+        self.sender.start()
+
+    def start_bridge(self) -> subprocess.Popen[bytes]:
+        return start_bridge(self.settings, self.tmp_path, self.client_id, **self.bridge_env)  # same id: same session
+
+    def stored(self) -> int:
+        return asyncio.run(stored_messages(self.settings, self.prefix))[1]
+
+    def stop(self) -> None:
+        self.bridge.terminate()
+        self.bridge.wait(timeout=30)
 
 
 def wait_for_log(path: Path, text: str, timeout: float = 30.0) -> None:

@@ -4,47 +4,36 @@ from __future__ import annotations
 import asyncio
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
 import pytest
 
-from iotflow.simulator import Fleet, FleetConfig
+from iotflow.simulator import FleetConfig
 from iotflow.testing import http_get_json, http_json, produce, register, rss_kib, stored_messages, telemetry, wait_for
-from tests.integration.test_mqtt_path import start_bridge, wait_for_log
+from tests.integration.test_mqtt_path import FleetThroughBridge
 
 IOTFLOW = Path(sys.executable).with_name("iotflow")
 
 
 @pytest.mark.timeout(600)
 def test_a_bridge_killed_mid_stream_loses_nothing(settings, start_worker, run_id, tmp_path):
-    worker = start_worker()
-    worker.wait_ready()
-    client_id = f"bridge-{run_id}"
-    bridge = start_bridge(settings, tmp_path, client_id)
-    log = tmp_path / f"bridge-{client_id}.log"
-    wait_for_log(log, "mqtt_connected")
-    prefix = f"bk{run_id}"
-    fleet = Fleet(settings, FleetConfig(devices=20, messages_per_device=600, rate_per_device=40.0, seed=3, prefix=prefix))
-    result: dict = {}
-    sender = threading.Thread(target=lambda: result.update(fleet.run()))
-    sender.start()
+    run = FleetThroughBridge(settings, start_worker, run_id, tmp_path,
+                             FleetConfig(devices=20, messages_per_device=600, rate_per_device=40.0, seed=3,
+                                         prefix=f"bk{run_id}"))
     try:
-        assert wait_for(lambda: asyncio.run(stored_messages(settings, prefix + "-"))[1] > 2000, timeout=60)
-        bridge.kill()  # SIGKILL: unacknowledged messages stay with the broker, in the bridge's session
-        bridge.wait(timeout=10)
+        assert wait_for(lambda: run.stored() > 2000, timeout=60)
+        run.bridge.kill()  # SIGKILL: unacknowledged messages stay with the broker, in the bridge's session
+        run.bridge.wait(timeout=10)
         time.sleep(2)
-        bridge = start_bridge(settings, tmp_path, client_id)  # same client id: same session
-        sender.join(timeout=120)
-        sent = result["totals"]["sent"]
+        run.bridge = run.start_bridge()
+        run.sender.join(timeout=120)
+        sent = run.result["totals"]["sent"]
         assert sent == 12_000
-        assert wait_for(lambda: asyncio.run(stored_messages(settings, prefix + "-"))[1] == sent, timeout=300), (
-            f"stored {asyncio.run(stored_messages(settings, prefix + '-'))[1]} of {sent}")
-        assert asyncio.run(stored_messages(settings, prefix + "-")) == (2 * sent, sent)
+        assert wait_for(lambda: run.stored() == sent, timeout=300), f"stored {run.stored()} of {sent}"
+        assert asyncio.run(stored_messages(settings, run.prefix)) == (2 * sent, sent)
     finally:
-        bridge.terminate()
-        bridge.wait(timeout=30)
+        run.stop()
 
 
 @pytest.mark.timeout(600)

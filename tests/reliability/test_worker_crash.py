@@ -15,46 +15,64 @@ PER_DEVICE = 2000  # 100,000 messages
 DUPLICATE_EVERY = 50  # 2% device retries on top
 
 
-@pytest.mark.timeout(900)
-def test_three_kill_9s_during_a_run_lose_nothing_and_store_nothing_twice(settings, start_worker, run_id):
+def crash_run(settings, start_worker, run_id: str, *, devices: int, per_device: int, kills: int,
+              **env: str):
+    """Produce ``devices × per_device`` messages (+2% retries), kill -9 the worker ``kills`` times
+    while it stores them (restarting on the same state folder, and once on an empty one), then
+    check every message is stored exactly once and the accounts are exact. Returns the final
+    worker, the originals and the fleet totals."""
     rng = random.Random(run_id)
-    devices = [f"crash-{run_id}-{i}" for i in range(DEVICES)]
+    ids = [f"crash-{run_id}-{i}" for i in range(devices)]
     prefix = f"crash-{run_id}-"
-    originals = [(d.encode(), telemetry(d, seq)) for seq in range(PER_DEVICE) for d in devices]
+    originals = [(d.encode(), telemetry(d, seq)) for seq in range(per_device) for d in ids]
     retries = originals[::DUPLICATE_EVERY]
-    asyncio.run(register(settings, devices))
+    asyncio.run(register(settings, ids))
 
     def stored() -> int:
         return asyncio.run(stored_messages(settings, prefix))[1]
 
     port = None
-    for kill in range(3):
-        # Restart on the same state folder twice (a crashed pod), and once on an empty one (a new node).
-        worker = start_worker(fresh_state=(kill == 1), **({"IOTFLOW_WEB_PORT": port} if port else {}))
+    for kill in range(kills):
+        worker = start_worker(fresh_state=(kill == 1), **env, **({"IOTFLOW_WEB_PORT": port} if port else {}))
         port = str(worker.web_port)
         worker.wait_ready()
         if kill == 0:
-            # The fleet is in the registry table before its 100,000 messages arrive (else they
-            # would wait for it, and past the parking bound go to the DLQ as unknown devices).
-            worker.wait_registered(devices)
+            # The fleet is in the registry table before its messages arrive (else they would wait
+            # for it, and a full parking lot would hold the run back).
+            worker.wait_registered(ids)
             asyncio.run(produce(settings, originals + retries))
         before = stored()
-        wait_for(lambda: stored() > before + 2000, timeout=120)
+        wait_for(lambda: stored() > before + len(originals) // 50, timeout=120)
         time.sleep(rng.uniform(0.0, 3.0))
         assert worker.kill() == -9
 
-    final = start_worker(IOTFLOW_WEB_PORT=port)
+    final = start_worker(IOTFLOW_WEB_PORT=port, **env)
     final.wait_ready()
     assert wait_for(lambda: stored() == len(originals), timeout=600), f"stored {stored()} of {len(originals)}"
-    rows, messages = asyncio.run(stored_messages(settings, prefix))
-    assert (rows, messages) == (2 * len(originals), len(originals))
+    assert asyncio.run(stored_messages(settings, prefix)) == (2 * len(originals), len(originals))
 
-    # The accounts are exact after three crashes: each flush writes them before it acknowledges
+    # The accounts are exact after the crashes: each flush writes them before it acknowledges
     # its events, with the offset they counted up to, so a replay is never counted twice.
     totals = wait_for(lambda: _stable(final), timeout=120)
     assert totals, "the accounts kept changing"
     assert (totals["received"], totals["accepted"], totals["duplicates"], totals["invalid"]) == (
         len(originals) + len(retries), len(originals), len(retries), 0)
+    return final, originals, totals
+
+
+@pytest.mark.timeout(600)
+def test_kill_9s_of_an_exactly_once_worker_lose_nothing_and_store_nothing_twice(settings, start_worker, run_id):
+    # Kafka transactions: table writes and offset commits of a flush commit together.
+    crash_run(settings, start_worker, run_id, devices=20, per_device=1000, kills=2,
+              IOTFLOW_PROCESSING_GUARANTEE="exactly_once")
+
+
+@pytest.mark.timeout(900)
+def test_three_kill_9s_during_a_run_lose_nothing_and_store_nothing_twice(settings, start_worker, run_id):
+    final, originals, totals = crash_run(settings, start_worker, run_id, devices=DEVICES, per_device=PER_DEVICE,
+                                         kills=3)
+    prefix = f"crash-{run_id}-"
+    rows, messages = asyncio.run(stored_messages(settings, prefix))
 
     # The dedup marks survived too: retries of old messages are counted as duplicates (not
     # accepted as new) and store nothing.

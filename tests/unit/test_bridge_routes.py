@@ -25,3 +25,7 @@ def test_anything_else_is_not_served(topic):
 def test_bridges_share_one_subscription_per_device_topic():
     assert subscriptions("g") == ["$share/g/devices/+/telemetry", "$share/g/devices/+/heartbeat",
                                   "$share/g/devices/+/firmware/status"]
+
+
+def test_an_exclusive_subscription_has_no_share_prefix():
+    assert subscriptions("g", "exclusive") == ["devices/+/telemetry", "devices/+/heartbeat", "devices/+/firmware/status"]
