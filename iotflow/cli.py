@@ -305,6 +305,33 @@ def cache_flush() -> None:
     click.echo(f"removed {asyncio.run(flush())} cached device record(s)")
 
 
+@main.command()
+@click.argument("scenarios", nargs=-1)
+@click.option("--no-doc", is_flag=True, help="print the table only; leave docs/reliability.md as it is")
+def chaos(scenarios: tuple[str, ...], no_doc: bool) -> None:
+    """Run fault-injection scenarios (all by default) against the local stack; print and record the table.
+
+    Scenarios: worker-kill, worker-kill-exactly-once, postgres-stop, bridge-kill, mosquitto-restart,
+    redis-stop, redis-sentinel-failover, worker-sigterm. Run from a checkout, with `iotflow stack up`.
+    """
+    from pathlib import Path
+
+    from iotflow.chaos import run, table, write_doc
+
+    root = Path.cwd()
+    if not (root / "tests" / "reliability").is_dir():
+        raise click.ClickException("run it from an iotflow checkout (tests/reliability/ holds the scenarios)")
+    try:
+        status, rows = run(root, list(scenarios))
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
+    click.echo(table(rows))
+    if not no_doc:
+        command = "iotflow chaos" + "".join(f" {s}" for s in scenarios)
+        click.echo(f"written to {write_doc(root, command, rows)}", err=True)
+    sys.exit(status)
+
+
 @main.command("bench-api")
 @click.option("--devices", type=click.IntRange(min=1), default=200, show_default=True, help="devices registered and read")
 @click.option("--concurrency", type=click.IntRange(min=1), default=16, show_default=True, help="concurrent clients")

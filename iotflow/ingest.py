@@ -153,7 +153,8 @@ class IngestPipeline:
     async def tick(self) -> None:
         """On the timer: settle the waiting devices whose time has come, then flush."""
         async with self._order:
-            await self._release_due(int(self.clock() * 1000))
+            if not self._closed:
+                await self._release_due(int(self.clock() * 1000))
         await self.flush()
         self._report_dlq(time.monotonic())
 
@@ -214,6 +215,8 @@ class IngestPipeline:
         this may run while an event of any partition is handled)."""
         parked = self._parked
         for device_key in parked.due(now_ms):
+            if not parked.holds(device_key):
+                continue  # its partition was revoked meanwhile (forgotten, not acknowledged)
             status = self.device_status(parked.partition_of(device_key), device_key)
             if status is DeviceStatus.UNKNOWN:
                 if not parked.expired(device_key, now_ms):

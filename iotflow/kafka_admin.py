@@ -104,3 +104,16 @@ async def drift(settings: Settings, names: tuple[str, ...] = topics.ALL) -> list
         return found
     finally:
         await admin.close()
+
+
+async def delete_topics_with_prefix(settings: Settings, *prefixes: str) -> list[str]:
+    """Delete every topic whose name starts with one of ``prefixes`` (a test's own topics and its
+    app's changelogs); returns their names."""
+    admin = await _admin(settings)
+    try:
+        doomed = sorted(t for t in await admin.list_topics() if t.startswith(prefixes))
+        if doomed:
+            await admin.delete_topics(doomed, timeout_ms=int(settings.kafka_request_timeout_s * 1000))
+        return doomed
+    finally:
+        await admin.close()

@@ -3,13 +3,15 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import json
+import os
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
-from iotflow.kafka_admin import ensure_topics
+from iotflow.kafka_admin import delete_topics_with_prefix, ensure_topics
 from iotflow.migrate import migrator
 from iotflow.settings import Settings
 from iotflow.stack import services
@@ -43,11 +45,20 @@ def run_id() -> str:
 
 
 @pytest.fixture
-def settings(stack: Settings, run_id: str) -> Settings:
-    """The stack's settings with this test's own topics (created here) and app id."""
+def settings(stack: Settings, run_id: str) -> Iterator[Settings]:
+    """The stack's settings with this test's own topics (created here, deleted after the test with
+    its app's changelogs: a broker that kept every test's partitions would run out of files)."""
     own = dataclasses.replace(stack, topic_prefix=f"t{run_id}-", app_id=f"iotflow-test-{run_id}")
     asyncio.run(ensure_topics(own))
-    return own
+    yield own
+    _delete_topics(own)
+
+
+def _delete_topics(own: Settings) -> None:
+    try:
+        asyncio.run(delete_topics_with_prefix(own, own.topic_prefix, own.app_id))
+    except Exception as exc:  # noqa: BLE001 - cleanup; the tests' results stand
+        print(f"could not delete the topics of {own.app_id}: {exc!r}")
 
 
 @pytest.fixture
@@ -96,3 +107,18 @@ def start_module_worker(stack: Settings, tmp_path_factory: pytest.TempPathFactor
     yield start
     for worker in started:
         worker.__exit__(None, None, None)
+    for worker in started:
+        _delete_topics(dataclasses.replace(stack, topic_prefix=worker.env["IOTFLOW_TOPIC_PREFIX"],
+                                           app_id=worker.env["IOTFLOW_APP_ID"]))
+
+
+@pytest.fixture
+def chaos(request: pytest.FixtureRequest) -> Callable[..., None]:
+    """Record a fault scenario's figures (messages sent, stored, lost, duplicated; API requests and
+    failures; recovery time) for `iotflow chaos`, which sets PYTEST_IOTFLOW_CHAOS_REPORT; a no-op otherwise."""
+    def record(**figures: object) -> None:
+        path = os.environ.get("PYTEST_IOTFLOW_CHAOS_REPORT")
+        if path:
+            with open(path, "a") as report:
+                report.write(json.dumps({"test": request.node.nodeid, **figures}) + "\n")
+    return record

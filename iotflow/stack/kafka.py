@@ -159,6 +159,7 @@ class Kafka(Service):
                 stdin=subprocess.DEVNULL,
                 start_new_session=True,
                 cwd=self.home,
+                preexec_fn=_raise_open_files_limit,
             )
         self.pid_file.write_text(str(proc.pid))
         self._wait_healthy()
@@ -206,3 +207,19 @@ async def _metadata_ok(bootstrap: str, *, timeout: float) -> bool:
         return False
     finally:
         await client.close()
+
+
+OPEN_FILES = 1_048_576
+
+
+def _raise_open_files_limit() -> None:
+    """In the broker's process, before exec: Kafka keeps several files open per partition segment,
+    and a machine that ran many test apps carries thousands of partitions (a broker that runs out
+    of descriptors stops with a storage fault). Root may raise the hard limit; others get theirs."""
+    import resource
+
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (OPEN_FILES, OPEN_FILES))
+    except (ValueError, OSError):
+        hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))

@@ -17,7 +17,7 @@ IOTFLOW = Path(sys.executable).with_name("iotflow")
 
 
 @pytest.mark.timeout(600)
-def test_a_bridge_killed_mid_stream_loses_nothing(settings, start_worker, run_id, tmp_path):
+def test_a_bridge_killed_mid_stream_loses_nothing(settings, start_worker, run_id, tmp_path, chaos):
     run = FleetThroughBridge(settings, start_worker, run_id, tmp_path,
                              FleetConfig(devices=20, messages_per_device=600, rate_per_device=40.0, seed=3,
                                          prefix=f"bk{run_id}"))
@@ -26,18 +26,23 @@ def test_a_bridge_killed_mid_stream_loses_nothing(settings, start_worker, run_id
         run.bridge.kill()  # SIGKILL: unacknowledged messages stay with the broker, in the bridge's session
         run.bridge.wait(timeout=10)
         time.sleep(2)
+        restarted = time.monotonic()
         run.bridge = run.start_bridge()
         run.sender.join(timeout=120)
         sent = run.result["totals"]["sent"]
         assert sent == 12_000
         assert wait_for(lambda: run.stored() == sent, timeout=300), f"stored {run.stored()} of {sent}"
-        assert asyncio.run(stored_messages(settings, run.prefix)) == (2 * sent, sent)
+        rows, messages = asyncio.run(stored_messages(settings, run.prefix))
+        chaos(fault="bridge kill -9 (restarted after 2 s)", sent=sent, stored=messages, lost=sent - messages,
+              duplicated=rows // 2 - messages, recovery_s=round(time.monotonic() - restarted, 1))
+        assert (rows, messages) == (2 * sent, sent)
     finally:
         run.stop()
 
 
 @pytest.mark.timeout(600)
-def test_the_database_stopped_for_30_seconds_costs_nothing_and_memory_stays_bounded(settings, start_worker, run_id):
+def test_the_database_stopped_for_30_seconds_costs_nothing_and_memory_stays_bounded(settings, start_worker, run_id,
+                                                                                  chaos):
     worker = start_worker()
     worker.wait_ready()
     devices = [f"db-{run_id}-{i}" for i in range(20)]
@@ -68,9 +73,14 @@ def test_the_database_stopped_for_30_seconds_costs_nothing_and_memory_stays_boun
         up = subprocess.run([str(IOTFLOW), "stack", "up", "postgres"], capture_output=True, text=True, timeout=120)
         assert up.returncode == 0, up.stderr
     total = len(first) + len(second)
+    back = time.monotonic()
     assert wait_for(lambda: asyncio.run(stored_messages(settings, prefix))[1] == total, timeout=300), (
         f"stored {asyncio.run(stored_messages(settings, prefix))[1]} of {total}")
-    assert asyncio.run(stored_messages(settings, prefix)) == (2 * total, total)
+    rows, messages = asyncio.run(stored_messages(settings, prefix))
+    chaos(fault="PostgreSQL stopped 30 s under load", sent=total, stored=messages, lost=total - messages,
+          duplicated=rows // 2 - messages, recovery_s=round(time.monotonic() - back, 1),
+          rss_growth_mib=round((peak - baseline_rss) / 1024, 1))
+    assert (rows, messages) == (2 * total, total)
     # Bounded: the backlog (20,000 messages) stayed in Kafka, not in the worker.
     assert peak < baseline_rss + 100 * 1024, f"RSS grew from {baseline_rss} KiB to {peak} KiB during the outage"
 

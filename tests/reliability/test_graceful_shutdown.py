@@ -90,7 +90,7 @@ class Balancer(threading.Thread):
 
 
 @pytest.mark.timeout(600)
-def test_sigterm_under_load_fails_no_request_and_loses_no_message(settings, start_worker, run_id):
+def test_sigterm_under_load_fails_no_request_and_loses_no_message(settings, start_worker, run_id, chaos):
     devices = [f"term-{run_id}-{i}" for i in range(10)]
     asyncio.run(register(settings, devices))
     env = {"IOTFLOW_SHUTDOWN_DRAIN_S": str(DRAIN_S)}
@@ -132,4 +132,8 @@ def test_sigterm_under_load_fails_no_request_and_loses_no_message(settings, star
     after.wait_ready()
     assert wait_for(lambda: asyncio.run(stored_messages(settings, f"term-{run_id}-"))[1] == producer.sent,
                     timeout=180), f"stored {asyncio.run(stored_messages(settings, f'term-{run_id}-'))} of {producer.sent}"
-    assert asyncio.run(stored_messages(settings, f"term-{run_id}-")) == (2 * producer.sent, producer.sent)
+    rows, messages = asyncio.run(stored_messages(settings, f"term-{run_id}-"))
+    chaos(fault="worker SIGTERM under HTTP and ingest load", sent=producer.sent, stored=messages,
+          lost=producer.sent - messages, duplicated=rows // 2 - messages, requests=balancer.answered + len(balancer.failures),
+          failed_requests=len(balancer.failures), recovery_s=round(stopped_after, 1))
+    assert (rows, messages) == (2 * producer.sent, producer.sent)

@@ -29,7 +29,7 @@ def mosquitto(action: str) -> None:
 
 
 @pytest.mark.timeout(600)
-def test_a_broker_restart_under_load_loses_nothing(settings, start_worker, run_id, tmp_path):
+def test_a_broker_restart_under_load_loses_nothing(settings, start_worker, run_id, tmp_path, chaos):
     run = FleetThroughBridge(settings, start_worker, run_id, tmp_path,
                              FleetConfig(devices=20, messages_per_device=800, rate_per_device=40.0, seed=5,
                                          prefix=f"mb{run_id}"),
@@ -42,6 +42,7 @@ def test_a_broker_restart_under_load_loses_nothing(settings, start_worker, run_i
             assert run.sender.is_alive()  # devices keep producing into their local buffers
             time.sleep(0.5)
         mosquitto("up")
+        back = time.monotonic()
         run.sender.join(timeout=300)
         assert not run.sender.is_alive(), "the fleet did not finish after the broker came back"
         totals = run.result["totals"]
@@ -49,7 +50,11 @@ def test_a_broker_restart_under_load_loses_nothing(settings, start_worker, run_i
         assert totals["connection_losses"] >= 20  # every device lost its connection and came back
         assert totals["buffer_overflows"] == 0
         assert wait_for(lambda: run.stored() == totals["sent"], timeout=300), f"stored {run.stored()} of {totals['sent']}"
-        assert asyncio.run(stored_messages(settings, run.prefix)) == (2 * totals["sent"], totals["sent"])
+        rows, messages = asyncio.run(stored_messages(settings, run.prefix))
+        chaos(fault="Mosquitto restarted (5 s down), exclusive bridge subscription", sent=totals["sent"],
+              stored=messages, lost=totals["sent"] - messages, duplicated=rows // 2 - messages,
+              recovery_s=round(time.monotonic() - back, 1))
+        assert (rows, messages) == (2 * totals["sent"], totals["sent"])
         assert run.log.read_text().count("mqtt_connected") >= 2  # the bridge reconnected
     finally:
         run.stop()

@@ -31,7 +31,7 @@ def register_devices(worker, prefix: str) -> list[str]:
 
 
 @pytest.mark.timeout(300)
-def test_reads_survive_a_redis_outage_and_use_the_cache_again_after(settings, start_worker, run_id):
+def test_reads_survive_a_redis_outage_and_use_the_cache_again_after(settings, start_worker, run_id, chaos):
     worker = start_worker()
     worker.wait_ready()
     paths = register_devices(worker, f"redis-{run_id}-")
@@ -47,9 +47,13 @@ def test_reads_survive_a_redis_outage_and_use_the_cache_again_after(settings, st
             assert after_outage["error"] + after_outage["skipped"] > during["error"] + during["skipped"]
         finally:
             _stack("up")
-        back = cache_results(worker)["hit"]
+        up, back = time.monotonic(), cache_results(worker)["hit"]
         assert wait_for(lambda: http_json("GET", f"{worker.url}/health/ready")[2]["status"] == "ready", timeout=30)
         assert wait_for(lambda: cache_results(worker)["hit"] > back + 50, timeout=60), cache_results(worker)
+        recovery_s = time.monotonic() - up
     # Every read answered 200 within the client's 5 s: degraded while Redis was away, never failed.
+    requests = sum(load.statuses.values())
+    chaos(fault="Redis stopped 10 s under API load", requests=requests, failed_requests=requests - load.statuses[200],
+          recovery_s=round(recovery_s, 1))
     assert set(load.statuses) == {200}, load.statuses
     assert sum(load.statuses.values()) > 200

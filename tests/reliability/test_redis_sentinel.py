@@ -4,6 +4,8 @@ killed under API load; the sentinels promote the replica and the worker follows 
 cache serves again from the new master."""
 from __future__ import annotations
 
+import time
+
 import pytest
 
 from iotflow.stack.sentinel import SentinelGroup
@@ -12,7 +14,8 @@ from tests.reliability.test_redis_outage import register_devices
 
 
 @pytest.mark.timeout(300)
-def test_the_worker_follows_a_promoted_replica_without_a_failed_request(settings, start_worker, run_id, tmp_path):
+def test_the_worker_follows_a_promoted_replica_without_a_failed_request(settings, start_worker, run_id, tmp_path,
+                                                                        chaos):
     group = SentinelGroup(tmp_path / "sentinel").start()
     try:
         worker = start_worker(IOTFLOW_REDIS_URL=group.url)
@@ -22,13 +25,17 @@ def test_the_worker_follows_a_promoted_replica_without_a_failed_request(settings
         assert (status, ready["checks"]["redis"]["status"]) == (200, "ok"), ready
         with ReadLoad(worker, paths) as load:
             assert wait_for(lambda: cache_results(worker)["hit"] > 50, timeout=30), cache_results(worker)
-            old = group.kill_master()
+            killed, old = time.monotonic(), group.kill_master()
             assert wait_for(lambda: group.master_port() not in (None, old), timeout=60), "no replica was promoted"
+            promoted_after = time.monotonic() - killed
             promoted = cache_results(worker)["hit"]
             # The cache is used again, now on the promoted replica, and readiness is back to ok.
             assert wait_for(lambda: cache_results(worker)["hit"] > promoted + 50, timeout=60), cache_results(worker)
             assert wait_for(lambda: http_json("GET", f"{worker.url}/health/ready")[2]["checks"]["redis"]["status"] == "ok",
                             timeout=30)
+        requests = sum(load.statuses.values())
+        chaos(fault="Redis master kill -9 under Sentinel", requests=requests,
+              failed_requests=requests - load.statuses[200], recovery_s=round(promoted_after, 1))
         assert set(load.statuses) == {200}, load.statuses
         assert sum(load.statuses.values()) > 200
     finally:

@@ -15,7 +15,7 @@ PER_DEVICE = 2000  # 100,000 messages
 DUPLICATE_EVERY = 50  # 2% device retries on top
 
 
-def crash_run(settings, start_worker, run_id: str, *, devices: int, per_device: int, kills: int,
+def crash_run(settings, start_worker, run_id: str, chaos, *, devices: int, per_device: int, kills: int,
               **env: str):
     """Produce ``devices × per_device`` messages (+2% retries), kill -9 the worker ``kills`` times
     while it stores them (restarting on the same state folder, and once on an empty one), then
@@ -46,10 +46,16 @@ def crash_run(settings, start_worker, run_id: str, *, devices: int, per_device: 
         time.sleep(rng.uniform(0.0, 3.0))
         assert worker.kill() == -9
 
+    restarted = time.monotonic()
     final = start_worker(IOTFLOW_WEB_PORT=port, **env)
     final.wait_ready()
     assert wait_for(lambda: stored() == len(originals), timeout=600), f"stored {stored()} of {len(originals)}"
-    assert asyncio.run(stored_messages(settings, prefix)) == (2 * len(originals), len(originals))
+    recovery_s = time.monotonic() - restarted
+    rows, messages = asyncio.run(stored_messages(settings, prefix))
+    chaos(fault=f"worker kill -9 ×{kills}" + (f" ({env['IOTFLOW_PROCESSING_GUARANTEE']})" if env else ""),
+          sent=len(originals) + len(retries), stored=messages, lost=len(originals) - messages,
+          duplicated=rows // 2 - messages, recovery_s=round(recovery_s, 1))
+    assert (rows, messages) == (2 * len(originals), len(originals))
 
     # The accounts are exact after the crashes: each flush writes them before it acknowledges
     # its events, with the offset they counted up to, so a replay is never counted twice.
@@ -61,15 +67,15 @@ def crash_run(settings, start_worker, run_id: str, *, devices: int, per_device: 
 
 
 @pytest.mark.timeout(600)
-def test_kill_9s_of_an_exactly_once_worker_lose_nothing_and_store_nothing_twice(settings, start_worker, run_id):
+def test_kill_9s_of_an_exactly_once_worker_lose_nothing_and_store_nothing_twice(settings, start_worker, run_id, chaos):
     # Kafka transactions: table writes and offset commits of a flush commit together.
-    crash_run(settings, start_worker, run_id, devices=20, per_device=1000, kills=2,
+    crash_run(settings, start_worker, run_id, chaos, devices=20, per_device=1000, kills=2,
               IOTFLOW_PROCESSING_GUARANTEE="exactly_once")
 
 
 @pytest.mark.timeout(900)
-def test_three_kill_9s_during_a_run_lose_nothing_and_store_nothing_twice(settings, start_worker, run_id):
-    final, originals, totals = crash_run(settings, start_worker, run_id, devices=DEVICES, per_device=PER_DEVICE,
+def test_three_kill_9s_during_a_run_lose_nothing_and_store_nothing_twice(settings, start_worker, run_id, chaos):
+    final, originals, totals = crash_run(settings, start_worker, run_id, chaos, devices=DEVICES, per_device=PER_DEVICE,
                                          kills=3)
     prefix = f"crash-{run_id}-"
     rows, messages = asyncio.run(stored_messages(settings, prefix))
