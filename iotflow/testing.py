@@ -154,6 +154,14 @@ class WorkerProcess:
                                                    headers=viewer)[0] == 200, timeout=timeout)
             assert known, f"{device_id} did not reach the registry table within {timeout} s"
 
+    def metric(self, series: str) -> float:
+        """The sum of this worker's /metrics samples whose series starts with ``series`` (a name, or a
+        name with its first labels: ``iotflow_device_events_total{outcome="applied"``)."""
+        with urllib.request.urlopen(f"{self.url}/metrics", timeout=10) as response:
+            text = response.read().decode()
+        return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                   if line.startswith(series) and line[len(series)] in " {,}")
+
     def terminate(self, timeout: float = 30.0) -> int:
         """SIGTERM, as an operator or an orchestrator stops a worker (it drains first,
         ``IOTFLOW_SHUTDOWN_DRAIN_S``); return the exit code."""

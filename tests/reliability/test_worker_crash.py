@@ -38,8 +38,11 @@ def crash_run(settings, start_worker, run_id: str, chaos, *, devices: int, per_d
         worker.wait_ready()
         if kill == 0:
             # The fleet is in the registry table before its messages arrive (else they would wait
-            # for it, and a full parking lot would hold the run back).
-            worker.wait_registered(ids)
+            # for it, and a full parking lot would hold the run back). Counted from the registry
+            # agent's metric, not /state: under exactly_once /state has been seen answering 500
+            # (table_route without producer metadata) on a just-started broker.
+            assert wait_for(lambda: worker.metric('iotflow_device_events_total{outcome="applied"') >= len(ids),
+                            timeout=90), "the registrations were not applied"
             asyncio.run(produce(settings, originals + retries))
         before = stored()
         wait_for(lambda: stored() > before + len(originals) // 50, timeout=120)
