@@ -36,6 +36,7 @@ from iotflow.registry import DeviceRegistry
 from iotflow.settings import Settings
 from iotflow.web.auth import Guard
 from iotflow.web.problems import HEADER, answer, problem, request_id
+from iotflow.web.routing import table_route
 
 PREFIX = "/api/v1/devices"
 
@@ -123,7 +124,7 @@ def register(app: faust.App, settings: Settings, registry: DeviceRegistry, cache
 
     @app.page(PREFIX + "/{device_id}/state")
     @guard.requires("viewer")
-    @app.table_route(table=table, match_info="device_id")
+    @table_route(app, table, "device_id")
     async def state(self: View, request: Request, device_id: str) -> Response:
         """The device as this worker's registry table holds it (answered by the partition's owner)."""
         raw = table.get(device_id.encode())

@@ -35,7 +35,7 @@ _PROBLEMS = {
     "401": _problem("no valid bearer token"),
     "403": _problem("the token's role does not allow this"),
     "422": _problem("invalid request: every bad field named"),
-    "503": _problem("a database is not answering; retry after Retry-After seconds"),
+    "503": _problem("a database is not answering, or a table's owner is not known yet; retry after Retry-After seconds"),
 }
 _DEVICE_ID = {"name": "device_id", "in": "path", "required": True,
               "schema": {"type": "string", "pattern": f"^{DEVICE_ID.pattern}$"}}

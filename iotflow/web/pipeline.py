@@ -15,6 +15,7 @@ from iotflow.dedup import DeviceAccount
 from iotflow.measurements import MeasurementReader
 from iotflow.settings import Settings
 from iotflow.web.auth import Guard
+from iotflow.web.routing import table_route
 
 log = structlog.get_logger(__name__)
 
@@ -60,7 +61,7 @@ def register(app: faust.App, settings: Settings, accounts: faust.Table, reader: 
 
     @app.page("/api/v1/pipeline/accounting/devices/{device_id}")
     @guard.requires("viewer")
-    @app.table_route(table=accounts, match_info="device_id")
+    @table_route(app, accounts, "device_id")
     async def device_accounting(self: View, request: Request, device_id: str) -> Response:
         account = DeviceAccount.decode(accounts.get(device_id.encode()))
         body = {name: getattr(account, name) for name in _COUNTERS}

@@ -27,8 +27,9 @@ from iotflow.testing import (
 def accounts_via(worker: WorkerProcess, devices: list[str]) -> dict[str, dict]:
     accounts = {}
     for device_id in devices:
-        status, body = http_get_json(f"{worker.url}/api/v1/pipeline/accounting/devices/{device_id}",
-                                     headers=worker.bearer())
+        # 503 + Retry-After while the worker cannot route yet (just started, or rebalancing): retry.
+        status, body = wait_for(lambda: (r := http_get_json(f"{worker.url}/api/v1/pipeline/accounting/devices/{device_id}",
+                                                             headers=worker.bearer()))[0] != 503 and r, timeout=30)
         assert status == 200, body
         accounts[device_id] = body
     return accounts
