@@ -3,7 +3,8 @@
 Readiness, each check bounded by its own short timeout and timed:
 
 - ``kafka``: this worker is in its consumer group with a settled assignment — not rebalancing, not
-  restoring tables from their changelogs (then it cannot serve table views or make progress);
+  restoring tables from their changelogs, and able to route every table's keys to their owners
+  (else it cannot serve table views or make progress);
 - ``postgres``: the registry database answers ``SELECT 1``;
 - ``redis``: answers ``PING``. Redis is a cache: when it does not answer the worker is still
   ready, ``"degraded"``, with the reason.
@@ -18,10 +19,12 @@ import time
 from collections.abc import Awaitable, Callable
 
 import faust
+from faust.exceptions import NotReady
 from faust.web import Request, Response, View
 
 from iotflow.cache import DeviceCache
 from iotflow.pg import LazyPool
+from iotflow.web.routing import reload_changelog_metadata, request_rejoin
 from iotflow.worker import draining
 
 CHECK_TIMEOUT_S = 1.0
@@ -41,6 +44,16 @@ def register_readiness(app: faust.App, postgres: LazyPool, cache: DeviceCache) -
             raise RuntimeError("rebalancing")
         if app.in_recovery:
             raise RuntimeError("restoring tables from their changelogs")
+        for table in app.tables.values():
+            try:  # table views route each key to its owner: that needs the owners and the metadata
+                app.router.key_store(table.name, b"readiness-probe")
+            except (KeyError, TypeError, NotReady) as exc:
+                reload_changelog_metadata(app, table)
+                if isinstance(exc, KeyError):
+                    # The group's assignment has no owner for this table's partitions (its changelog
+                    # did not exist yet when the leader assigned): ask for a new assignment.
+                    request_rejoin(app)
+                raise RuntimeError(f"cannot route {table.name} yet ({exc.__class__.__name__})") from None
         return f"{len(app.consumer.assignment())} partitions assigned"
 
     async def database() -> str:

@@ -10,12 +10,16 @@ for a non-ASCII one) is refused with 422 before routing.
 """
 from __future__ import annotations
 
+import asyncio
+import time
 from collections.abc import Awaitable, Callable
 from functools import wraps
 from typing import Any
 
+import aiohttp
 import faust
 import structlog
+from faust.exceptions import NotReady
 from faust.web import Request, Response, View
 
 from iotflow.telemetry import DEVICE_ID
@@ -42,17 +46,57 @@ def table_route(app: faust.App, table: faust.Table, match_info: str) -> Callable
                                         "reason": "letters, digits and _.:- only, 1-128 characters"}])
             producer = getattr(app.producer, "_producer", None)  # aiokafka's, once Faust started it
             if producer is None or producer._metadata.partitions_for_topic(topic) is None:
-                if producer is not None:
-                    app.add_future(_reload(producer, topic))
+                reload_changelog_metadata(app, table)
                 response = problem(view, request, 503, "Table owner not known yet",
                                    f"this worker has no partition metadata for {topic} yet; retry")
                 response.headers["Retry-After"] = "1"
                 return response
-            return await routed(view, request, *args, **kwargs)
+            try:
+                response = await routed(view, request, *args, **kwargs)
+                if response.status >= 500 and response.status != 503:
+                    # Only a forwarded answer arrives as a 5xx response (this worker's own errors are
+                    # exceptions): the owner Faust picked could not answer — retry, as for 503.
+                    log.warning("table_route_forward_failed", topic=topic, status=response.status)
+                    response = problem(view, request, 503, "Table owner did not answer",
+                                       f"the worker owning this key answered {response.status}")
+                    response.headers["Retry-After"] = "1"
+                return response
+            except (KeyError, TypeError, NotReady, aiohttp.ClientError, asyncio.TimeoutError) as exc:
+                # Faust's router before its assignment metadata is complete (seen in the first
+                # second after "Worker ready"), or the owner not answering: logged, and a retry.
+                log.exception("table_route_failed", topic=topic, error=repr(exc))
+                response = problem(view, request, 503, "Table owner not reachable yet", repr(exc))
+                response.headers["Retry-After"] = "1"
+                return response
 
         return guarded
 
     return decorate
+
+
+def reload_changelog_metadata(app: faust.App, table: faust.Table) -> None:
+    """Start loading the producer's metadata of ``table``'s changelog (what routing needs)."""
+    producer = getattr(app.producer, "_producer", None)
+    if producer is not None:
+        app.add_future(_reload(producer, table.changelog_topic.get_topic_name()))
+
+
+_REJOIN_EVERY_S = 15.0
+_last_rejoin = [float("-inf")]
+
+
+def request_rejoin(app: faust.App) -> None:
+    """Ask the consumer group for a new assignment (at most every 15 s): the leader assigns again
+    with the topics that exist now, and the router learns every table partition's owner."""
+    now = time.monotonic()
+    if now - _last_rejoin[0] < _REJOIN_EVERY_S:
+        return
+    _last_rejoin[0] = now
+    try:
+        app.consumer._ensure_consumer()._coordinator.request_rejoin()
+        log.warning("table_routing_incomplete_rejoining")
+    except Exception as exc:  # noqa: BLE001 - readiness reports the state either way
+        log.info("rejoin_request_failed", error=repr(exc))
 
 
 async def _reload(producer: Any, topic: str) -> None:

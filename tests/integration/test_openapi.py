@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from iotflow.testing import http_json
+from iotflow.testing import http_json, wait_for
 
 SCHEMATHESIS = Path(sys.executable).with_name("st")
 
@@ -18,6 +18,9 @@ SCHEMATHESIS = Path(sys.executable).with_name("st")
 def test_schemathesis_finds_no_server_error_and_no_undocumented_answer(start_worker, tmp_path):
     worker = start_worker()
     worker.wait_ready()
+    # Ready = it can route table views too (right after start Faust's router cannot: 5xx).
+    assert wait_for(lambda: http_json("GET", f"{worker.url}/health/ready")[0] == 200, timeout=120), (
+        http_json("GET", f"{worker.url}/health/ready"))
     status, _, served = http_json("GET", f"{worker.url}/api/v1/openapi.json")
     assert status == 200 and served["openapi"].startswith("3.1")
     token = worker.bearer("admin")["Authorization"]
