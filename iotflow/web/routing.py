@@ -20,6 +20,7 @@ import aiohttp
 import faust
 import structlog
 from faust.exceptions import NotReady
+from faust.web.exceptions import ServiceUnavailable
 from faust.web import Request, Response, View
 
 from iotflow.telemetry import DEVICE_ID
@@ -61,7 +62,7 @@ def table_route(app: faust.App, table: faust.Table, match_info: str) -> Callable
                                        f"the worker owning this key answered {response.status}")
                     response.headers["Retry-After"] = "1"
                 return response
-            except (KeyError, TypeError, NotReady, aiohttp.ClientError, asyncio.TimeoutError) as exc:
+            except (KeyError, TypeError, NotReady, ServiceUnavailable, aiohttp.ClientError, asyncio.TimeoutError) as exc:
                 # Faust's router before its assignment metadata is complete (seen in the first
                 # second after "Worker ready"), or the owner not answering: logged, and a retry.
                 log.exception("table_route_failed", topic=topic, error=repr(exc))
