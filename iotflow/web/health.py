@@ -24,7 +24,7 @@ from faust.web import Request, Response, View
 
 from iotflow.cache import DeviceCache
 from iotflow.pg import LazyPool
-from iotflow.web.routing import reload_changelog_metadata, request_rejoin
+from iotflow.web.routing import reload_changelog_metadata
 from iotflow.worker import draining
 
 CHECK_TIMEOUT_S = 1.0
@@ -49,10 +49,6 @@ def register_readiness(app: faust.App, postgres: LazyPool, cache: DeviceCache) -
                 app.router.key_store(table.name, b"readiness-probe")
             except (KeyError, TypeError, NotReady) as exc:
                 reload_changelog_metadata(app, table)
-                if isinstance(exc, KeyError):
-                    # The group's assignment has no owner for this table's partitions (its changelog
-                    # did not exist yet when the leader assigned): ask for a new assignment.
-                    request_rejoin(app)
                 raise RuntimeError(f"cannot route {table.name} yet ({exc.__class__.__name__})") from None
         return f"{len(app.consumer.assignment())} partitions assigned"
 

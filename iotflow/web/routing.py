@@ -11,7 +11,6 @@ for a non-ASCII one) is refused with 422 before routing.
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import Awaitable, Callable
 from functools import wraps
 from typing import Any
@@ -80,24 +79,6 @@ def reload_changelog_metadata(app: faust.App, table: faust.Table) -> None:
     producer = getattr(app.producer, "_producer", None)
     if producer is not None:
         app.add_future(_reload(producer, table.changelog_topic.get_topic_name()))
-
-
-_REJOIN_EVERY_S = 15.0
-_last_rejoin = [float("-inf")]
-
-
-def request_rejoin(app: faust.App) -> None:
-    """Ask the consumer group for a new assignment (at most every 15 s): the leader assigns again
-    with the topics that exist now, and the router learns every table partition's owner."""
-    now = time.monotonic()
-    if now - _last_rejoin[0] < _REJOIN_EVERY_S:
-        return
-    _last_rejoin[0] = now
-    try:
-        app.consumer._ensure_consumer()._coordinator.request_rejoin()
-        log.warning("table_routing_incomplete_rejoining")
-    except Exception as exc:  # noqa: BLE001 - readiness reports the state either way
-        log.info("rejoin_request_failed", error=repr(exc))
 
 
 async def _reload(producer: Any, topic: str) -> None:
