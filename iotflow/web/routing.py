@@ -47,31 +47,32 @@ def table_route(app: faust.App, table: faust.Table, match_info: str) -> Callable
             producer = getattr(app.producer, "_producer", None)  # aiokafka's, once Faust started it
             if producer is None or producer._metadata.partitions_for_topic(topic) is None:
                 reload_changelog_metadata(app, table)
-                response = problem(view, request, 503, "Table owner not known yet",
+                return _retry_soon(view, request, "Table owner not known yet",
                                    f"this worker has no partition metadata for {topic} yet; retry")
-                response.headers["Retry-After"] = "1"
-                return response
             try:
                 response = await routed(view, request, *args, **kwargs)
                 if response.status >= 500 and response.status != 503:
                     # Only a forwarded answer arrives as a 5xx response (this worker's own errors are
                     # exceptions): the owner Faust picked could not answer — retry, as for 503.
                     log.warning("table_route_forward_failed", topic=topic, status=response.status)
-                    response = problem(view, request, 503, "Table owner did not answer",
+                    return _retry_soon(view, request, "Table owner did not answer",
                                        f"the worker owning this key answered {response.status}")
-                    response.headers["Retry-After"] = "1"
                 return response
             except (KeyError, TypeError, NotReady, ServiceUnavailable, aiohttp.ClientError, asyncio.TimeoutError) as exc:
                 # Faust's router before its assignment metadata is complete (seen in the first
                 # second after "Worker ready"), or the owner not answering: logged, and a retry.
                 log.exception("table_route_failed", topic=topic, error=repr(exc))
-                response = problem(view, request, 503, "Table owner not reachable yet", repr(exc))
-                response.headers["Retry-After"] = "1"
-                return response
+                return _retry_soon(view, request, "Table owner not reachable yet", repr(exc))
 
         return guarded
 
     return decorate
+
+
+def _retry_soon(view: View, request: Request, title: str, detail: str) -> Response:
+    response = problem(view, request, 503, title, detail)
+    response.headers["Retry-After"] = "1"
+    return response
 
 
 def reload_changelog_metadata(app: faust.App, table: faust.Table) -> None:
