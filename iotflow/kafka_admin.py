@@ -25,12 +25,23 @@ class Drift:
 
 
 async def _admin(settings: Settings) -> AIOKafkaAdminClient:
-    admin = AIOKafkaAdminClient(
-        bootstrap_servers=settings.kafka_bootstrap,
-        request_timeout_ms=int(settings.kafka_request_timeout_s * 1000),
-    )
-    await asyncio.wait_for(admin.start(), settings.kafka_request_timeout_s)
+    return await _started_admin(settings.kafka_bootstrap, settings.kafka_request_timeout_s)
+
+
+async def _started_admin(bootstrap: str, timeout_s: float) -> AIOKafkaAdminClient:
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=int(timeout_s * 1000))
+    await asyncio.wait_for(admin.start(), timeout_s)
     return admin
+
+
+async def wait_visible(bootstrap: str, names: list[str], timeout_s: float) -> None:
+    """Return once the brokers' metadata lists every topic in ``names`` (raises KafkaError after
+    ``timeout_s``)."""
+    admin = await _started_admin(bootstrap, timeout_s)
+    try:
+        await _wait_visible(admin, names, timeout_s)
+    finally:
+        await admin.close()
 
 
 async def ensure_topics(settings: Settings, names: tuple[str, ...] = topics.ALL) -> list[str]:

@@ -23,18 +23,32 @@ then would lose them. Here the head must be the committed offset itself (or the 
 delivered since the assignment, when nothing was committed), unless recorded gaps (transaction
 markers, compacted holes) cover the offsets between.
 
+And it subscribes only once every topic is in the brokers' metadata. Faust creates the tables'
+changelog topics just before subscribing; a topic created a moment before the group's leader
+assigns is missing from its metadata, and Faust's assignor then leaves it out ("Ignoring missing
+topic") until the next rebalance: that table's partitions have no owner — its views cannot be
+routed and its changelog is not read — for as long as the metadata takes to refresh (minutes).
+
 Tied to faust-streaming 0.15.x internals (setup.cfg pins ``<0.16``);
 tests/integration/test_worker.py runs every worker through it.
 """
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Iterable
 from typing import Any, cast
+
+import structlog
+from aiokafka.errors import KafkaError
 
 from faust.transport.consumer import CONSUMER_FETCHING
 from faust.transport.drivers import aiokafka as faust_aiokafka
 from faust.types import TP
 from intervaltree import IntervalTree
+
+from iotflow.kafka_admin import wait_visible
+
+log = structlog.get_logger(__name__)
 
 _YIELD_EVERY = 100  # records between chances for other tasks (health checks, timers)
 
@@ -65,6 +79,16 @@ class Consumer(faust_aiokafka.Consumer):
             if head_blocked(min(acked), expected, self._gap[tp]):
                 return None
         return super()._new_offset(tp)
+
+    async def subscribe(self, topics: Iterable[str]) -> None:
+        names = sorted(set(topics))
+        bootstrap = ",".join(f"{url.host}:{url.port or 9092}" for url in self.app.conf.broker)
+        try:
+            await wait_visible(bootstrap, names, self.app.conf.broker_request_timeout)
+        except (KafkaError, OSError, asyncio.TimeoutError) as exc:
+            # Subscribing anyway is what Faust does: the group assigns what the metadata holds.
+            log.warning("subscription_topics_not_visible", topics=names, error=repr(exc))
+        await super().subscribe(names)
 
     async def perform_seek(self) -> None:
         self._first_delivered = {}  # a new assignment: reading starts again from the committed offsets

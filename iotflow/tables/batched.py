@@ -150,8 +150,10 @@ async def warm_changelog_metadata(app: faust.App) -> None:
 
     Faust's ``table_route`` finds a key's owner through the producer's partitioner, which fails
     while the producer has never produced to the changelog (a fresh worker asked about a key
-    before any write). Done once at start, retried until the topics are visible.
+    before any write). Done once at start, after the subscription (Faust creates the changelog
+    topics just before it), retried until the topics are visible.
     """
+    await app.topics.wait_for_subscriptions()
     started = await app.maybe_start_producer()
     # Under exactly_once the app's producer is Faust's TransactionManager around the plain one,
     # whose aiokafka producer is what the router asks.

@@ -44,12 +44,15 @@ def register_readiness(app: faust.App, postgres: LazyPool, cache: DeviceCache) -
             raise RuntimeError("rebalancing")
         if app.in_recovery:
             raise RuntimeError("restoring tables from their changelogs")
+        unroutable = []
         for table in app.tables.values():
             try:  # table views route each key to its owner: that needs the owners and the metadata
                 app.router.key_store(table.name, b"readiness-probe")
             except (KeyError, TypeError, NotReady) as exc:
                 reload_changelog_metadata(app, table)
-                raise RuntimeError(f"cannot route {table.name} yet ({exc.__class__.__name__})") from None
+                unroutable.append(f"{table.name} ({exc.__class__.__name__})")
+        if unroutable:
+            raise RuntimeError(f"cannot route {', '.join(unroutable)} yet")
         return f"{len(app.consumer.assignment())} partitions assigned"
 
     async def database() -> str:

@@ -37,6 +37,7 @@ def test_reads_survive_a_redis_outage_and_use_the_cache_again_after(settings, st
     paths = register_devices(worker, f"redis-{run_id}-")
     with ReadLoad(worker, paths) as load:
         assert wait_for(lambda: cache_results(worker)["hit"] > 50, timeout=30), cache_results(worker)
+        assert wait_for(lambda: http_json("GET", f"{worker.url}/health/ready")[0] == 200, timeout=30)
         _stack("down")
         try:
             status, _, ready = http_json("GET", f"{worker.url}/health/ready")
