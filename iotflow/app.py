@@ -1,6 +1,8 @@
 """The :class:`faust.App` of iotflow, wired to its agents, tables and views by explicit calls."""
 from __future__ import annotations
 
+import socket
+
 import faust
 import mode
 import structlog
@@ -8,14 +10,17 @@ import structlog
 from datetime import timedelta
 
 from iotflow import logs, observability, topics
-from iotflow.agents import devices as device_agents, ingest
+from iotflow.agents import devices as device_agents, firmware as firmware_agents, ingest
 from iotflow.cache import DeviceCache, client_for
+from iotflow.commands import CommandPublisher
 from iotflow.dedup import DeviceAccount, LatestValues, Mark
 from iotflow.devices import registry_status
 from iotflow.errors import SettingsError
 from iotflow.firmware import FirmwareCatalogue
+from iotflow.flags import Flags
 from iotflow.ingest import IngestPipeline
 from iotflow.measurements import MeasurementReader
+from iotflow.orchestrator import Orchestrator
 from iotflow.outbox import OutboxRelay
 from iotflow.parking import ParkingLot
 from iotflow.pg import LazyPool
@@ -28,7 +33,7 @@ from iotflow.tables.batched import TableBatch, stored, warm_changelog_metadata
 from iotflow.telemetry import Limits
 from iotflow.transport import Transport
 from iotflow.worker import Worker as DrainingWorker
-from iotflow.web import devices, firmware as firmware_views, health, ingest as ingest_views, openapi, pipeline
+from iotflow.web import devices, firmware as firmware_views, flags as flag_views, health, ingest as ingest_views, openapi, pipeline
 from iotflow.web.auth import Guard
 
 log = structlog.get_logger(__name__)
@@ -117,8 +122,14 @@ def create_app(settings: Settings) -> faust.App:
     device_agents.register(app, settings, registry_table=registry_table, presence=presence_table,
                            registry=registry, relay=relay, cache=cache)
     devices.register(app, settings, registry, cache, registry_table, presence_table, latest, reader, guard)
-    firmware_views.register_rollouts(app, RolloutStore(registry), guard)
+    rollout_store = RolloutStore(registry)
+    publisher = CommandPublisher(settings.mqtt_url, f"iotflow-orchestrator-{settings.app_id}-{socket.gethostname()}-{settings.web_port}",
+                                 keepalive_s=settings.mqtt_keepalive_s)
+    firmware_agents.register(app, settings, rollout_store,
+                             Orchestrator(registry.connection, publisher, tick_s=settings.rollout_tick_s))
+    firmware_views.register_rollouts(app, rollout_store, guard)
     firmware_views.register(app, FirmwareCatalogue(registry), guard)
+    flag_views.register(app, Flags(registry.connection), guard)
     health.register_readiness(app, registry_pool, cache)
     observability.register(app, settings, ingest_pipeline,
                            {"sink": sink.pool, "registry": registry_pool, "measurements": measurements_pool})
@@ -131,7 +142,7 @@ def create_app(settings: Settings) -> faust.App:
             log.exception("changelog_metadata_warm_up_failed")
 
     openapi.register(app)
-    _close_on_stop(app, relay, cache, registry_pool, measurements_pool)
+    _close_on_stop(app, relay, cache, publisher, registry_pool, measurements_pool)
     return app
 
 
@@ -141,12 +152,14 @@ def _api_pool(settings: Settings, dsn: str) -> LazyPool:
                     command_timeout_s=settings.pg_command_timeout_s, application_name="iotflow-api")
 
 
-def _close_on_stop(app: faust.App, relay: OutboxRelay, cache: DeviceCache, *pools: LazyPool) -> None:
+def _close_on_stop(app: faust.App, relay: OutboxRelay, cache: DeviceCache, publisher: CommandPublisher,
+                   *pools: LazyPool) -> None:
     @app.service
     class CloseClients(mode.Service):
         async def on_stop(self) -> None:
             await relay.stop()
             await cache.close()
+            publisher.close()
             for pool in pools:
                 await pool.close()
 

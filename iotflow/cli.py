@@ -172,12 +172,27 @@ def bridge() -> None:
 @click.option("--summary", type=click.Path(dir_okay=False, writable=True), default=None, help="write the JSON summary here (default: stdout)")
 @click.option("--register/--no-register", default=True, show_default=True,
               help="provision the fleet in the device registry first (unregistered devices' telemetry waits, then goes to the DLQ)")
+@click.option("--firmware", "firmware_version", default=None,
+              help="answer firmware commands, starting at this version (e.g. 1.0.0); without it commands are ignored")
+@click.option("--fail-updates", type=click.FloatRange(0, 1), default=0.0, show_default=True,
+              help="share of updates that fail (checksum mismatch)")
+@click.option("--stall-updates", type=click.FloatRange(0, 1), default=0.0, show_default=True,
+              help="share of updates after which the device goes silent mid-update (times out)")
+@click.option("--silent-after-update", type=click.FloatRange(0, 1), default=0.0, show_default=True,
+              help="share of updates reported SUCCEEDED after which the device never heartbeats again")
+@click.option("--heartbeat", "heartbeat_s", type=click.FloatRange(min=0.1), default=30.0, show_default=True,
+              help="seconds between heartbeats")
 def simulate(devices: int, count: int | None, duration: float | None, rate: float, duplicates: float,
-             malformed: float, seed: int, prefix: str, summary: str | None, register: bool) -> None:
+             malformed: float, seed: int, prefix: str, summary: str | None, register: bool,
+             firmware_version: str | None, fail_updates: float, stall_updates: float, silent_after_update: float,
+             heartbeat_s: float) -> None:
     """Run a fleet of simulated devices publishing telemetry over MQTT (QoS 1); print what each sent."""
     import json
 
-    from iotflow.simulator import Fleet, FleetConfig
+    from iotflow.simulator import FirmwareBehaviour, Fleet, FleetConfig
+
+    if fail_updates + stall_updates + silent_after_update > 1:
+        raise click.BadParameter("--fail-updates, --stall-updates and --silent-after-update add up to more than 1")
 
     config = FleetConfig(
         devices=devices,
@@ -190,6 +205,9 @@ def simulate(devices: int, count: int | None, duration: float | None, rate: floa
         prefix=prefix,
         progress=sys.stderr.isatty() or summary is not None,
         register=register,
+        heartbeat_s=heartbeat_s,
+        firmware=FirmwareBehaviour(version=firmware_version, fail_ratio=fail_updates, timeout_ratio=stall_updates,
+                                   silent_ratio=silent_after_update) if firmware_version else None,
     )
     fleet = Fleet(_settings(), config)
     result = fleet.run()
@@ -330,6 +348,28 @@ def chaos(scenarios: tuple[str, ...], no_doc: bool) -> None:
         command = "iotflow chaos" + "".join(f" {s}" for s in scenarios)
         click.echo(f"written to {write_doc(root, command, rows)}", err=True)
     sys.exit(status)
+
+
+@main.group()
+def rollout() -> None:
+    """Firmware rollouts (created and steered through /api/v1/firmware/rollouts)."""
+
+
+@rollout.command("watch")
+@click.argument("rollout_id")
+@click.option("--interval", type=click.FloatRange(min=0.2), default=1.0, show_default=True, help="seconds between redraws")
+@click.option("--once", is_flag=True, help="draw once and exit")
+def rollout_watch(rollout_id: str, interval: float, once: bool) -> None:
+    """Live progress of a rollout: a bar per wave and per state, until it ends (exit 1 unless completed)."""
+    from iotflow.errors import RolloutNotFound
+    from iotflow.rollout_watch import watch
+
+    try:
+        final = asyncio.run(watch(_settings(), rollout_id, interval, once))
+    except RolloutNotFound as exc:
+        raise click.ClickException(str(exc)) from None
+    if not once and final["status"] != "completed":
+        sys.exit(1)
 
 
 @main.command("bench-api")

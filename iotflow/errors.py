@@ -174,3 +174,19 @@ class RolloutNotFound(IotflowError):
     def __init__(self, rollout_id: str) -> None:
         self.rollout_id = rollout_id
         super().__init__(f"no rollout {rollout_id!r}")
+
+
+class RolloutConflict(IotflowError):
+    """An action the rollout's status does not allow (resume a completed rollout, roll back one
+    that never ran, …)."""
+
+    def __init__(self, rollout_id: str, status: str, action: str) -> None:
+        self.rollout_id = rollout_id
+        self.status = status
+        super().__init__(f"rollout {rollout_id} is {status}: it cannot {action}")
+
+
+class FlagNotFound(IotflowError):
+    def __init__(self, name: str) -> None:
+        self.name = name
+        super().__init__(f"no flag {name!r}")

@@ -79,3 +79,22 @@ ACCOUNTING = Gauge(
     "sampled every minute. Fleet loss ratio = sum(gaps) / (sum(accepted) + sum(gaps)).",
     ["kind"],
 )
+COMMANDS_PUBLISHED = Counter("iotflow_firmware_commands_published_total",
+                             "Firmware commands the MQTT broker acknowledged (a re-publish with the same command id counts again).")
+FIRMWARE_PROGRESS = Gauge(
+    "iotflow_firmware_update_progress",
+    "Devices of a rollout per execution state (SUCCEEDED_UNHEALTHY: succeeded, then failed the health gate); "
+    "set by the leader's orchestrator for rollouts that are active or ended within the hour.",
+    ["rollout_id", "status"])
+FIRMWARE_UPDATE_SECONDS = Histogram(
+    "iotflow_firmware_update_duration_seconds", "Time from a device's command (NOTIFIED) to its SUCCEEDED report.",
+    buckets=(1, 5, 15, 30, 60, 120, 300, 600, 1800, 3600, 7200))
+FIRMWARE_REPORTS = Counter(
+    "iotflow_firmware_reports_total",
+    "Device status reports read from firmware-status, by outcome (applied; duplicate: changed nothing; stale: for "
+    "an older command; unknown: no such execution; invalid: sent to the DLQ).", ["outcome"])
+FIRMWARE_FAILURES = Counter(
+    "iotflow_firmware_update_failures_total",
+    "Device executions that ended badly, by state (FAILED, TIMED_OUT, REJECTED, UNHEALTHY).", ["state"])
+ROLLOUTS_ENDED = Counter("iotflow_rollouts_ended_total", "Rollouts that ended, by status (completed, aborted, canceled).",
+                         ["status"])

@@ -166,6 +166,21 @@ class DeviceRegistry:
             return device
 
 
+async def set_firmware_version(conn: asyncpg.Connection, device_id: str, firmware_version: str) -> Device | None:
+    """Record, in the caller's transaction, that a device now runs ``firmware_version`` (a rollout
+    succeeded on it): a new version of the device with its outbox event, like any update. None when
+    the device is gone (deleted) or already at that version."""
+    record = await conn.fetchrow(
+        f"UPDATE devices SET firmware_version = $2, version = version + 1, updated_at = now() "
+        f"WHERE id = $1 AND deleted_at IS NULL AND firmware_version IS DISTINCT FROM $2 RETURNING {_COLUMNS}",
+        device_id, firmware_version)
+    if record is None:
+        return None
+    device = _device(record)
+    await _event(conn, device, "updated", changed=["firmware_version"])
+    return device
+
+
 async def _locked(conn: asyncpg.Connection, device_id: str, expected_version: int | None) -> Device:
     """The live device, locked for this transaction, at ``expected_version`` if one is named."""
     record = await conn.fetchrow(
@@ -188,7 +203,8 @@ async def _event(conn: asyncpg.Connection, device: Device, kind: str, **extra: A
 
 
 
-async def provision(settings: Settings, device_ids: list[str], *, device_type: str, tags: tuple[str, ...] = ()) -> int:
+async def provision(settings: Settings, device_ids: list[str], *, device_type: str, tags: tuple[str, ...] = (),
+                    firmware_version: str | None = None) -> int:
     """Register ``device_ids`` (name = id) through the registry, as an operator's bulk provisioning
     would: returns how many were new. Used by ``iotflow devices register``, the simulator and bench."""
     pool = LazyPool(settings.pg_dsn, size=1, connect_timeout_s=settings.pg_connect_timeout_s,
@@ -200,7 +216,8 @@ async def provision(settings: Settings, device_ids: list[str], *, device_type: s
             chunk = device_ids[start:start + _PROVISION_CHUNK]
             created += await registry.register_many([
                 # Checked as the API checks a registration: a bad id, type or tag names itself.
-                parse_registration(json.dumps({"id": d, "name": d, "type": device_type, "tags": list(tags)}).encode())
+                parse_registration(json.dumps({"id": d, "name": d, "type": device_type, "tags": list(tags),
+                                               "firmware_version": firmware_version}).encode())
                 for d in chunk])
         return created
     finally:

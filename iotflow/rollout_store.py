@@ -12,17 +12,19 @@ from __future__ import annotations
 
 import json
 import uuid
+from datetime import datetime
 from typing import Any
 
 import asyncpg
 
-from iotflow.errors import IdempotencyMismatch, InvalidRequest, RolloutNotFound
-from iotflow.registry import DeviceRegistry
-from iotflow.rollouts import RolloutRequest, plan_waves
+from iotflow import metrics
+from iotflow.errors import IdempotencyMismatch, InvalidRequest, RolloutConflict, RolloutNotFound
+from iotflow.registry import DeviceRegistry, set_firmware_version
+from iotflow.rollouts import DeviceState, RolloutRequest, StatusReport, apply_report, plan_waves
 
 PAGE = 100
-_ROLLOUT = ("id, firmware_version, status, spec, rollback_of, abort_reason, created_at, updated_at, "
-            "started_at, finished_at")
+_ROLLOUT = ("id, firmware_version, status, spec, rollback_of, abort_reason, current_wave, created_at, updated_at, "
+            "start_at, started_at, finished_at")
 
 
 class RolloutStore:
@@ -37,9 +39,10 @@ class RolloutStore:
                 raise InvalidRequest("Invalid rollout", [{"field": "firmware", "value": request.firmware,
                                                           "reason": "not in the firmware catalogue"}])
             created = await conn.fetchval(
-                "INSERT INTO rollouts (id, firmware_version, spec, idempotency_key, request_sha256) "
-                "VALUES ($1, $2, $3::jsonb, $4, $5) ON CONFLICT (idempotency_key) DO NOTHING RETURNING id",
-                rollout_id, request.firmware, json.dumps(request.canonical), key, request.sha256)
+                "INSERT INTO rollouts (id, firmware_version, spec, idempotency_key, request_sha256, start_at) "
+                "VALUES ($1, $2, $3::jsonb, $4, $5, $6) ON CONFLICT (idempotency_key) DO NOTHING RETURNING id",
+                rollout_id, request.firmware, json.dumps(request.canonical), key, request.sha256,
+                datetime.fromisoformat(request.start_at) if request.start_at else None)
             if created is not None:
                 targets = await _resolve(conn, request)
                 plan = plan_waves(targets, request.waves, salt=str(rollout_id), percent=request.percent)
@@ -55,12 +58,120 @@ class RolloutStore:
         return await self.get(str(existing["id"])), False
 
     async def get(self, rollout_id: str) -> dict[str, Any]:
-        try:
-            parsed = uuid.UUID(rollout_id)
-        except ValueError:
-            raise RolloutNotFound(rollout_id) from None
         async with self.connection() as conn:
+            return await _read(conn, _rollout_uuid(rollout_id))
+
+    async def apply_report(self, report: StatusReport) -> str:
+        """Apply a device's status report: ``applied``, ``duplicate`` (changes nothing), ``stale``
+        (for another command than the device's current one) or ``unknown`` (no such execution).
+        Raises :class:`InvalidTransition` for what the device may not report now. A SUCCEEDED
+        report also moves the device's ``firmware_version`` (with its outbox event), in the same
+        transaction."""
+        async with self.connection(transaction=True) as conn:
+            row = await conn.fetchrow(
+                "SELECT r.state, r.command_id, r.notified_at, coalesce(r.target_version, o.firmware_version) AS version "
+                "FROM rollout_devices r JOIN rollouts o ON o.id = r.rollout_id "
+                "WHERE r.device_id = $1 AND r.rollout_id = $2 FOR UPDATE OF r",
+                report.device_id, uuid.UUID(report.rollout_id))
+            if row is None:
+                return "unknown"
+            if row["command_id"] is None or str(row["command_id"]) != report.command_id:
+                return "stale"
+            current = DeviceState(row["state"])
+            new = apply_report(current, report.state)
+            if new is None:
+                return "duplicate"
+            await conn.execute(
+                "UPDATE rollout_devices SET state = $3, state_changed_at = now(), error = $4, "
+                "notified_at = coalesce(notified_at, now()), "
+                "succeeded_at = CASE WHEN $3 = 'SUCCEEDED' THEN now() ELSE succeeded_at END, "
+                "health = CASE WHEN $3 = 'SUCCEEDED' AND $5 THEN 'ok' ELSE health END "
+                "WHERE device_id = $1 AND rollout_id = $2",
+                report.device_id, uuid.UUID(report.rollout_id), new.value, report.error,
+                await _no_health_window(conn, report.rollout_id))
+            if new is DeviceState.SUCCEEDED:
+                await set_firmware_version(conn, report.device_id, row["version"])
+                if row["notified_at"] is not None:
+                    metrics.FIRMWARE_UPDATE_SECONDS.observe(
+                        max(0.0, (await conn.fetchval("SELECT now()") - row["notified_at"]).total_seconds()))
+            elif new.terminal:
+                metrics.FIRMWARE_FAILURES.labels(new.value).inc()
+            return "applied"
+
+    async def act(self, rollout_id: str, action: str) -> dict[str, Any]:
+        """``pause`` (running or scheduled → paused: no more commands; devices already commanded go
+        on and report), ``resume`` (paused → running), ``cancel`` (not ended → canceled; its QUEUED
+        devices CANCELED). Repeating an action that already holds answers the rollout unchanged."""
+        allowed = {"pause": ({"running", "scheduled"}, "paused"), "resume": ({"paused"}, "running"),
+                   "cancel": ({"running", "scheduled", "paused"}, "canceled")}
+        sources, target = allowed[action]
+        parsed = _rollout_uuid(rollout_id)
+        async with self.connection(transaction=True) as conn:
+            status = await conn.fetchval("SELECT status FROM rollouts WHERE id = $1 FOR UPDATE", parsed)
+            if status is None:
+                raise RolloutNotFound(rollout_id)
+            if status != target:
+                if status not in sources:
+                    raise RolloutConflict(rollout_id, status, action)
+                await conn.execute(
+                    "UPDATE rollouts SET status = $2, updated_at = now(), "
+                    "finished_at = CASE WHEN $2 = 'canceled' THEN now() ELSE finished_at END, "
+                    "started_at = CASE WHEN $2 = 'running' THEN coalesce(started_at, now()) ELSE started_at END "
+                    "WHERE id = $1", parsed, target)
+                if target == "canceled":
+                    await conn.execute(
+                        "UPDATE rollout_devices SET state = 'CANCELED', state_changed_at = now(), error = 'rollout canceled' "
+                        "WHERE rollout_id = $1 AND state = 'QUEUED'", parsed)
+                    metrics.ROLLOUTS_ENDED.labels("canceled").inc()
             return await _read(conn, parsed)
+
+    async def rollback(self, rollout_id: str) -> tuple[dict[str, Any], bool]:
+        """A rollout sending every device that SUCCEEDED in ``rollout_id`` the version it came
+        from, in one wave, with the original's criteria; one per rollout (a repeat answers the same
+        rollback). The original is canceled first if it is still going. Devices that came from no
+        known version cannot go back (422 names them)."""
+        parsed = _rollout_uuid(rollout_id)
+        key = f"rollback:{parsed}"
+        async with self.connection(transaction=True) as conn:
+            original = await conn.fetchrow("SELECT status, spec FROM rollouts WHERE id = $1 FOR UPDATE", parsed)
+            if original is None:
+                raise RolloutNotFound(rollout_id)
+            existing = await conn.fetchval("SELECT id FROM rollouts WHERE idempotency_key = $1", key)
+            if existing is not None:
+                return await _read(conn, existing), False
+            rows = await conn.fetch(
+                "SELECT r.device_id, r.from_version, f.version IS NOT NULL AS known FROM rollout_devices r "
+                "LEFT JOIN firmware f ON f.version = r.from_version "
+                "WHERE r.rollout_id = $1 AND r.state = 'SUCCEEDED' ORDER BY r.device_id", parsed)
+            if not rows:
+                raise RolloutConflict(rollout_id, original["status"], "be rolled back: no device succeeded in it")
+            unknown = [r["device_id"] for r in rows if not r["known"]]
+            if unknown:
+                raise InvalidRequest("Cannot roll back", [{
+                    "field": "from_version", "value": unknown[:20],
+                    "reason": f"{len(unknown)} device(s) came from no version of the catalogue"}])
+            if original["status"] in ("running", "scheduled", "paused"):
+                await conn.execute("UPDATE rollouts SET status = 'canceled', finished_at = now(), updated_at = now() "
+                                   "WHERE id = $1", parsed)
+                await conn.execute(
+                    "UPDATE rollout_devices SET state = 'CANCELED', state_changed_at = now(), error = 'rolled back' "
+                    "WHERE rollout_id = $1 AND state = 'QUEUED'", parsed)
+            versions = [r["from_version"] for r in rows]
+            main = max(set(versions), key=lambda v: (versions.count(v), v))
+            spec = {**json.loads(original["spec"]), "firmware": main, "targets": {"devices": [r["device_id"] for r in rows]},
+                    "waves": {"sizes": [len(rows)]}, "success_pct": 0}
+            rollback_id = uuid.uuid4()
+            await conn.execute(
+                "INSERT INTO rollouts (id, firmware_version, spec, idempotency_key, request_sha256, rollback_of) "
+                "VALUES ($1, $2, $3::jsonb, $4, $5, $6)", rollback_id, main, json.dumps(spec), key, key, parsed)
+            current = await conn.fetch(
+                "SELECT id, firmware_version FROM devices WHERE id = ANY($1::text[])", [r["device_id"] for r in rows])
+            now_at = {r["id"]: r["firmware_version"] for r in current}
+            await conn.execute(
+                "INSERT INTO rollout_devices (device_id, rollout_id, wave, from_version, target_version) "
+                "SELECT d, $1, 0, v, t FROM unnest($2::text[], $3::text[], $4::text[]) AS x(d, v, t)",
+                rollback_id, [r["device_id"] for r in rows], [now_at.get(r["device_id"]) for r in rows], versions)
+            return await _read(conn, rollback_id), True
 
     async def list(self, status: str | None) -> list[dict[str, Any]]:
         """The newest rollouts (of one status, if given), without per-device counts."""
@@ -69,6 +180,19 @@ class RolloutStore:
                 f"SELECT {_ROLLOUT} FROM rollouts WHERE $1::text IS NULL OR status = $1 "
                 "ORDER BY created_at DESC, id LIMIT $2", status, PAGE)
         return [_rollout_json(r) for r in records]
+
+
+def _rollout_uuid(rollout_id: str) -> uuid.UUID:
+    try:
+        return uuid.UUID(rollout_id)
+    except ValueError:
+        raise RolloutNotFound(rollout_id) from None
+
+
+async def _no_health_window(conn: asyncpg.Connection, rollout_id: str) -> bool:
+    window = await conn.fetchval("SELECT (spec->>'health_window_s')::int FROM rollouts WHERE id = $1",
+                                 uuid.UUID(rollout_id))
+    return not window
 
 
 async def _resolve(conn: asyncpg.Connection, request: RolloutRequest) -> dict[str, str | None]:
@@ -100,7 +224,7 @@ def _rollout_json(record: asyncpg.Record) -> dict[str, Any]:
     value["id"] = str(value["id"])
     value["rollback_of"] = str(value["rollback_of"]) if value["rollback_of"] else None
     value["spec"] = json.loads(value["spec"])
-    for name in ("created_at", "updated_at", "started_at", "finished_at"):
+    for name in ("created_at", "updated_at", "start_at", "started_at", "finished_at"):
         value[name] = value[name].isoformat() if value[name] else None
     return value
 
@@ -117,5 +241,14 @@ async def _read(conn: asyncpg.Connection, rollout_id: uuid.UUID) -> dict[str, An
     for row in counts:
         by_state[row["state"]] = by_state.get(row["state"], 0) + row["n"]
         waves.setdefault(row["wave"], {})[row["state"]] = row["n"]
+    pace = await conn.fetchrow(
+        "SELECT count(*) FILTER (WHERE state IN ('SUCCEEDED', 'FAILED', 'TIMED_OUT', 'REJECTED') "
+        "AND state_changed_at > now() - interval '5 minutes') AS recent, "
+        "count(*) FILTER (WHERE state = 'SUCCEEDED' AND health = 'failed') AS unhealthy "
+        "FROM rollout_devices WHERE rollout_id = $1", rollout_id)
+    remaining = sum(n for state, n in by_state.items() if not DeviceState(state).terminal)
+    per_min = pace["recent"] / 5.0
+    eta_s = round(60.0 * remaining / per_min) if per_min and record["status"] == "running" else None
     return {**_rollout_json(record), "devices": sum(by_state.values()), "by_state": by_state,
+            "unhealthy": pace["unhealthy"], "rate_per_min": per_min, "eta_s": eta_s,
             "waves": [{"wave": w, "size": sum(states.values()), "by_state": states} for w, states in sorted(waves.items())]}

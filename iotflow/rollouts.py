@@ -21,8 +21,10 @@ import hashlib
 import json
 import math
 import re
+import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from enum import Enum
 from typing import Any
 
@@ -95,6 +97,15 @@ def orchestrate(current: DeviceState, target: DeviceState) -> DeviceState | None
     if target in (DeviceState.TIMED_OUT, DeviceState.CANCELED):
         return target
     raise InvalidTransition(current, target, "not an orchestrator transition")
+
+
+RETRYABLE = frozenset({DeviceState.FAILED, DeviceState.TIMED_OUT})
+
+
+def retry(current: DeviceState) -> DeviceState | None:
+    """The orchestrator's retry of a failed or timed-out device: back to QUEUED (with a new command
+    id — the device must install again). None for any other state."""
+    return DeviceState.QUEUED if current in RETRYABLE else None
 
 
 def _order(device_id: str, salt: str) -> bytes:
@@ -176,6 +187,8 @@ class RolloutRequest:
     device_timeout_s: int
     retries: int
     dispatch_per_s: float
+    health_window_s: int = 0
+    start_at: str | None = None  # ISO 8601 with a time zone; None: at once
 
     @property
     def canonical(self) -> dict[str, Any]:
@@ -187,6 +200,7 @@ class RolloutRequest:
             "abort": {"failure_states": sorted(s.value for s in self.abort.failure_states),
                       "threshold_pct": self.abort.threshold_pct, "min_executed": self.abort.min_executed},
             "device_timeout_s": self.device_timeout_s, "retries": self.retries, "dispatch_per_s": self.dispatch_per_s,
+            "health_window_s": self.health_window_s, "start_at": self.start_at,
         }
 
     @property
@@ -214,7 +228,8 @@ def parse_rollout_request(body: bytes) -> RolloutRequest:
     """Every bad field of a rollout request is named with its value (one 422 lists them all)."""
     raw = json_object(body)
     errors = FieldErrors()
-    known = {"firmware", "targets", "waves", "success_pct", "abort", "device_timeout_s", "retries", "dispatch_per_s"}
+    known = {"firmware", "targets", "waves", "success_pct", "abort", "device_timeout_s", "retries", "dispatch_per_s",
+             "health_window_s", "start_at"}
     for name in sorted(set(raw) - known):
         errors.add(name, raw[name], "unknown field")
     firmware = check_text(errors, "firmware", raw.get("firmware"), FIRMWARE_VERSION, "a firmware version of the catalogue")
@@ -270,9 +285,25 @@ def parse_rollout_request(body: bytes) -> RolloutRequest:
     timeout = _number(errors, "device_timeout_s", raw.get("device_timeout_s", 3600), 10, 7 * 86400, integer=True)
     retries = _number(errors, "retries", raw.get("retries", 2), 0, 10, integer=True)
     rate = _number(errors, "dispatch_per_s", raw.get("dispatch_per_s", 50), 0.1, 10_000)
+    health_window = _number(errors, "health_window_s", raw.get("health_window_s", 300), 0, 86_400, integer=True)
+    start_at = _instant(errors, "start_at", raw.get("start_at"))
     errors.raise_any("Invalid rollout")
     return RolloutRequest(firmware, device_ids, target_filter, waves, percent, float(success_pct),  # type: ignore[arg-type]
-                          AbortCriteria(frozenset(states), float(threshold), min_executed), timeout, retries, float(rate))
+                          AbortCriteria(frozenset(states), float(threshold), min_executed), timeout, retries, float(rate),
+                          health_window, start_at)
+
+
+def _instant(errors: FieldErrors, name: str, value: Any) -> str | None:
+    if value is None:
+        return None
+    try:
+        parsed = datetime.fromisoformat(value) if isinstance(value, str) else None
+    except ValueError:
+        parsed = None
+    if parsed is None or parsed.tzinfo is None:
+        errors.add(name, value, "an ISO 8601 date and time with a time zone, e.g. 2026-12-01T02:00:00+00:00")
+        return None
+    return parsed.astimezone(UTC).isoformat()
 
 
 def _parse_filter(errors: FieldErrors, value: Any) -> dict[str, Any]:
@@ -293,3 +324,43 @@ def _parse_filter(errors: FieldErrors, value: Any) -> dict[str, Any]:
         else:
             found["tags"] = sorted(set(tags))
     return found
+
+
+@dataclass(frozen=True)
+class StatusReport:
+    """A device's ``devices/{id}/firmware/status`` message (the device id is the Kafka key)."""
+
+    device_id: str
+    rollout_id: str
+    command_id: str
+    state: DeviceState
+    error: str | None
+
+
+def parse_status_report(key: bytes | None, value: bytes) -> StatusReport:
+    """``{"command_id", "rollout_id", "state", "error"?}`` from device ``key``; every bad field is
+    named with its value (:class:`InvalidRequest`)."""
+    raw = json_object(value)
+    errors = FieldErrors()
+    device_id = (key or b"").decode("utf-8", errors="replace")
+    if not DEVICE_ID.fullmatch(device_id):
+        errors.add("device_id", device_id, "the report's key: a device id")
+    ids: dict[str, str] = {}
+    for name in ("rollout_id", "command_id"):
+        try:
+            ids[name] = str(uuid.UUID(raw.get(name)))
+        except (TypeError, ValueError, AttributeError):
+            errors.add(name, raw.get(name), "a UUID")
+    state_raw = raw.get("state")
+    state = None
+    try:
+        state = DeviceState(state_raw)
+        if state not in REPORTABLE:
+            errors.add("state", state_raw, f"one of {', '.join(sorted(s.value for s in REPORTABLE))}")
+    except ValueError:
+        errors.add("state", state_raw, f"one of {', '.join(sorted(s.value for s in REPORTABLE))}")
+    error = raw.get("error")
+    if error is not None and (not isinstance(error, str) or len(error) > 500):
+        errors.add("error", error, "a text of at most 500 characters")
+    errors.raise_any("Invalid firmware status report")
+    return StatusReport(device_id, ids["rollout_id"], ids["command_id"], state, error)  # type: ignore[arg-type]

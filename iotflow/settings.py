@@ -219,6 +219,7 @@ class Settings:
     outbox_batch_size: int = _setting(500, _positive_int, "device events the outbox relay publishes per round")
     outbox_interval_s: float = _setting(0.2, _positive_seconds, "pause between the outbox relay's rounds (leader worker)")
     last_seen_flush_s: float = _setting(5.0, _positive_seconds, "how often heartbeats' last_seen are written to PostgreSQL")
+    rollout_tick_s: float = _setting(1.0, _positive_seconds, "pause between the rollout orchestrator's ticks (leader worker)")
     unknown_device_wait_s: float = _setting(30.0, _positive_seconds, "how long telemetry of a device the registry does not know waits for its registration before the DLQ (unknown_device)")
     unknown_device_max_parked: int = _setting(10000, _positive_int, "messages of unknown devices a worker holds while they wait; beyond it the longest-waiting device's go to the DLQ")
     offline_after_s: float = _setting(90.0, _positive_seconds, "a device without a heartbeat for this long is offline")

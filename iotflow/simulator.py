@@ -11,15 +11,26 @@ its telemetry then waits for a registration and goes to the DLQ as ``unknown_dev
 
 The returned summary says, per device, what was sent: it is what the accounting is checked
 against.
+
+With ``firmware`` set, every device also answers firmware commands on ``devices/{id}/commands``
+(:class:`FirmwareDevice`): it applies a command id once (a command published again is counted as a
+duplicate and its last state reported again), "downloads" and verifies the image (simulated: a
+device picked to fail reports a checksum mismatch), installs, reboots (no heartbeat nor telemetry
+for ``reboot_s``) and reports each state on ``devices/{id}/firmware/status``. Shares of devices
+can be made to fail, to go silent mid-update (the orchestrator times them out) or to go silent
+right after reporting SUCCEEDED (the health gate catches them).
 """
 from __future__ import annotations
 
 import asyncio
+import heapq
+import itertools
 import json
 import random
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from urllib.parse import urlsplit
 
@@ -45,7 +56,23 @@ class DeviceReport:
     acked: int = 0  # PUBACKs received from the broker (valid, duplicate and malformed alike)
     connection_losses: int = 0  # times the connection dropped while the device was running
     buffer_overflows: int = 0  # messages refused because the local buffer was full (lost by the device)
+    firmware_version: str | None = None
+    commands: int = 0  # distinct firmware command ids received
+    duplicate_commands: int = 0  # the same command id received again
+    installs: int = 0  # firmware images installed
+    update_outcomes: dict[str, int] = field(default_factory=dict)
 
+
+@dataclass(frozen=True)
+class FirmwareBehaviour:
+    """How simulated devices answer firmware commands (shares are of commands, drawn per device)."""
+
+    version: str = "1.0.0"  # what the devices run at the start
+    step_s: float = 0.2  # between two reports
+    reboot_s: float = 1.0  # silent while rebooting
+    fail_ratio: float = 0.0  # report FAILED (checksum mismatch) after downloading
+    timeout_ratio: float = 0.0  # go silent after DOWNLOADING (never report again)
+    silent_ratio: float = 0.0  # report SUCCEEDED, then never heartbeat again
 
 @dataclass
 class FleetConfig:
@@ -61,6 +88,7 @@ class FleetConfig:
     buffer_size: int = 100_000  # messages a disconnected device keeps locally
     register: bool = True  # provision the fleet in the device registry before the first message
     progress: bool = False
+    firmware: FirmwareBehaviour | None = None  # answer firmware commands (None: ignore them)
 
 
 @dataclass
@@ -71,6 +99,9 @@ class _Device:
     seq: int = 0
     reconnects: int = 0
     stopping: bool = False  # set before the run's own disconnect
+    silent_until: float = 0.0  # monotonic time until which it publishes nothing of its own (rebooting)
+    silent: bool = False  # gone silent for good (a simulated bricked device)
+    applied: dict[str, str] = field(default_factory=dict)  # command id → last state reported for it
     connected: threading.Event = field(default_factory=threading.Event)
     published: int = 0  # QoS 1 publishes handed to paho (sent, or queued while disconnected)
     lock: threading.Lock = field(default_factory=threading.Lock)
@@ -111,6 +142,10 @@ class Fleet:
         self.registered = 0  # devices this run added to the registry
         self.url = urlsplit(settings.mqtt_url)
         master = random.Random(config.seed)
+        self._due: list[tuple[float, int, Callable[[], None]]] = []
+        self._order = itertools.count()
+        self._due_changed = threading.Condition()
+        self._stop_scheduler = False
         self.devices = [self._device(device_id, random.Random(master.getrandbits(64)))
                         for device_id in device_ids(config.prefix, config.devices)]
 
@@ -128,6 +163,8 @@ class Fleet:
             if not getattr(reason, "is_failure", False):
                 device.reconnects = 0
                 device.connected.set()
+                if self.config.firmware is not None:
+                    c.subscribe(f"devices/{device_id}/commands", qos=1)
 
         def on_disconnect(c: mqtt.Client, u: object, flags: object, reason: object, props: object) -> None:
             device.connected.clear()
@@ -144,7 +181,94 @@ class Fleet:
         client.on_connect = on_connect
         client.on_disconnect = on_disconnect
         client.on_publish = on_publish
+        if self.config.firmware is not None:
+            device.report.firmware_version = self.config.firmware.version
+            client.on_message = lambda c, u, message: self._on_command(device, message.payload)
         return device
+
+    # -- firmware commands (paho's thread; reports go out from the scheduler thread) ----------
+    def _on_command(self, device: _Device, payload: bytes) -> None:
+        behaviour = self.config.firmware
+        assert behaviour is not None
+        try:
+            command = json.loads(payload)
+            command_id, rollout_id, version = command["command_id"], command["rollout_id"], command["version"]
+        except (ValueError, KeyError, TypeError):
+            return  # not a command this device understands
+        report = device.report
+        with device.lock:
+            last = device.applied.get(command_id)
+            if last is not None:
+                report.duplicate_commands += 1
+                self._later(0.0, lambda: self._report(device, command_id, rollout_id, last))
+                return
+            device.applied[command_id] = "NOTIFIED"
+            report.commands += 1
+            draw = device.rng.random()
+        ratios = (behaviour.fail_ratio, behaviour.timeout_ratio, behaviour.silent_ratio)
+        outcome = ("fail" if draw < ratios[0] else "timeout" if draw < sum(ratios[:2])
+                   else "silent" if draw < sum(ratios) else "ok")
+        report.update_outcomes[outcome] = report.update_outcomes.get(outcome, 0) + 1
+        step = behaviour.step_s
+        self._later(0.0, lambda: self._report(device, command_id, rollout_id, "DOWNLOADING"))
+        if outcome == "timeout":
+            return  # never heard of again for this command
+        self._later(step, lambda: self._report(device, command_id, rollout_id, "DOWNLOADED"))
+        if outcome == "fail":
+            self._later(2 * step, lambda: self._report(device, command_id, rollout_id, "FAILED",
+                                                       error=f"checksum mismatch: expected {command.get('sha256')}"))
+            return
+        self._later(2 * step, lambda: self._report(device, command_id, rollout_id, "VERIFIED"))
+        self._later(3 * step, lambda: self._report(device, command_id, rollout_id, "UPDATING"))
+
+        def reboot() -> None:
+            device.silent_until = time.monotonic() + behaviour.reboot_s
+
+        def booted() -> None:
+            with device.lock:
+                report.installs += 1
+                report.firmware_version = version
+            self._report(device, command_id, rollout_id, "SUCCEEDED")
+            if outcome == "silent":
+                device.silent = True
+
+        self._later(3 * step, reboot)
+        self._later(3 * step + behaviour.reboot_s, booted)
+
+    def _report(self, device: _Device, command_id: str, rollout_id: str, state: str, error: str | None = None) -> None:
+        with device.lock:
+            device.applied[command_id] = state
+        body = {"command_id": command_id, "rollout_id": rollout_id, "state": state, "ts": int(time.time() * 1000)}
+        if error:
+            body["error"] = error
+        self._publish(device, "firmware/status", json.dumps(body).encode())
+
+    def _later(self, delay_s: float, action: Callable[[], None]) -> None:
+        with self._due_changed:
+            heapq.heappush(self._due, (time.monotonic() + delay_s, next(self._order), action))
+            self._due_changed.notify()
+
+    def _run_due(self) -> None:
+        """The scheduler thread: runs the devices' timed actions in order."""
+        with self._due_changed:
+            while not self._stop_scheduler:
+                if not self._due:
+                    self._due_changed.wait(0.5)
+                    continue
+                due, _, action = self._due[0]
+                wait = due - time.monotonic()
+                if wait > 0:
+                    self._due_changed.wait(min(wait, 0.5))
+                    continue
+                heapq.heappop(self._due)
+                self._due_changed.release()
+                try:
+                    action()
+                finally:
+                    self._due_changed.acquire()
+
+    def _quiet(self, device: _Device, now: float) -> bool:
+        return device.silent or now < device.silent_until
 
     def connect(self, timeout: float = 30.0) -> None:
         for device in self.devices:
@@ -188,12 +312,16 @@ class Fleet:
             self._publish(device, "telemetry", payload)
             report.duplicates += 1
 
-    def run(self) -> dict[str, object]:
-        """Connect, publish until the count or the duration is reached, wait for PUBACKs, disconnect."""
+    def run(self, stop: threading.Event | None = None) -> dict[str, object]:
+        """Connect, publish until the count or the duration is reached (or ``stop`` is set), wait
+        for PUBACKs, disconnect."""
         cfg = self.config
+        scheduler = threading.Thread(target=self._run_due, name="simulator-scheduler", daemon=True)
+        scheduler.start()
         if cfg.register:
             self.registered = asyncio.run(provision(
-                self.settings, [d.report.device_id for d in self.devices], device_type="simulated"))
+                self.settings, [d.report.device_id for d in self.devices], device_type="simulated",
+                firmware_version=cfg.firmware.version if cfg.firmware else None))
         self.connect()
         started = time.monotonic()
         interval = 1.0 / cfg.rate_per_device
@@ -206,11 +334,16 @@ class Fleet:
                 break
             if cfg.messages_per_device is not None and tick >= cfg.messages_per_device:
                 break
+            if stop is not None and stop.is_set():
+                break
             now_ms = int(time.time() * 1000)
             for device in self.devices:
-                self._send_one(device, now_ms)
+                if not self._quiet(device, now):
+                    self._send_one(device, now_ms)
             if now >= next_heartbeat:
                 for device in self.devices:
+                    if self._quiet(device, now):
+                        continue
                     self._publish(device, "heartbeat", json.dumps({"device_id": device.report.device_id, "ts": now_ms}).encode())
                 next_heartbeat = now + cfg.heartbeat_s
             tick += 1
@@ -220,6 +353,10 @@ class Fleet:
             sleep = started + tick * interval - time.monotonic()
             if sleep > 0:
                 time.sleep(sleep)
+        with self._due_changed:
+            self._stop_scheduler = True
+            self._due_changed.notify()
+        scheduler.join(timeout=5)
         self._wait_for_acks(timeout=120)
         for device in self.devices:
             device.stopping = True
@@ -245,6 +382,7 @@ class Fleet:
     def summary(self, elapsed_s: float) -> dict[str, object]:
         reports = [asdict(d.report) for d in self.devices]
         totals = {k: sum(r[k] for r in reports)
-                  for k in ("sent", "duplicates", "malformed", "acked", "connection_losses", "buffer_overflows")}
+                  for k in ("sent", "duplicates", "malformed", "acked", "connection_losses", "buffer_overflows",
+                            "commands", "duplicate_commands", "installs")}
         return {"elapsed_s": round(elapsed_s, 3), "seed": self.config.seed, "totals": totals,
                 "devices": {r["device_id"]: r for r in reports}}

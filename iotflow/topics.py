@@ -54,6 +54,11 @@ def sensor_data_dlq(app: faust.App, settings: Settings) -> faust.TopicT:
     return _raw_topic(app, settings, SENSOR_DATA_DLQ)
 
 
+def firmware_status(app: faust.App, settings: Settings) -> faust.TopicT:
+    """Devices' firmware status reports from the bridge, keyed by device id."""
+    return _raw_topic(app, settings, FIRMWARE_STATUS)
+
+
 def device_events(app: faust.App, settings: Settings) -> faust.TopicT:
     """Device lifecycle events (outbox relay) and heartbeats (bridge), keyed by device id; the
     ``iotflow-kind`` header tells them apart."""

@@ -1,6 +1,7 @@
 """``/api/v1/firmware``: the firmware catalogue — publish a version (operator), list and read
 (viewer) — and ``/api/v1/firmware/rollouts``: create a rollout (operator, ``Idempotency-Key``
-required), list and read one with its counts per state and per wave (viewer).
+required), list and read one with its counts per state and per wave (viewer); pause, resume,
+cancel and roll back a rollout (operator).
 
 Publishing the same version with the same values again answers 200 with it; other values for a
 published version are refused (409). The same Idempotency-Key with the same request answers the
@@ -95,3 +96,35 @@ def register_rollouts(app: faust.App, store: RolloutStore, guard: Guard) -> None
         async def work() -> Response:
             return self.json(await store.get(rollout_id), headers={HEADER: request_id(request)})
         return await answer(self, request, work)
+
+    for action in ACTIONS:
+        _register_action(app, store, guard, action)
+
+    @app.page(ROLLOUTS + "/{rollout_id}/rollback")
+    class Rollback(View):
+        @guard.requires("operator")
+        async def post(self, request: Request, rollout_id: str) -> Response:
+            async def work() -> Response:
+                rollout, created = await store.rollback(rollout_id)
+                headers = {HEADER: request_id(request)}
+                if created:
+                    headers["Location"] = f"{ROLLOUTS}/{rollout['id']}"
+                return self.json(rollout, status=201 if created else 200, headers=headers)
+            return await answer(self, request, work)
+
+
+ACTIONS = ("pause", "resume", "cancel")
+
+
+def _register_action(app: faust.App, store: RolloutStore, guard: Guard, action: str) -> None:
+    """``POST /api/v1/firmware/rollouts/{id}/{action}`` (operator): the rollout after the action."""
+
+    class Action(View):
+        @guard.requires("operator")
+        async def post(self, request: Request, rollout_id: str) -> Response:
+            async def work() -> Response:
+                return self.json(await store.act(rollout_id, action), headers={HEADER: request_id(request)})
+            return await answer(self, request, work)
+
+    Action.__name__ = f"Rollout{action.title()}"
+    app.page(f"{ROLLOUTS}/{{rollout_id}}/{action}")(Action)

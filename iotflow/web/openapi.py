@@ -149,6 +149,32 @@ def document() -> dict[str, Any]:
                                            "schema": {"type": "string"}}],
                            "responses": {"200": _json(_ref("Rollout"), "the rollout"), "404": _problem("unknown"),
                                          **_PROBLEMS}}}
+    rollout_param = {"name": "rollout_id", "in": "path", "required": True, "schema": {"type": "string"}}
+    rollout_actions = {
+        f"/api/v1/firmware/rollouts/{{rollout_id}}/{action}": {"post": {
+            "summary": summary, "security": [{"bearer": []}], "parameters": [rollout_param],
+            "responses": {"200": _json(_ref("Rollout"), "the rollout after the action (unchanged if it already held)"),
+                          "404": _problem("unknown"), "409": _problem("not possible in the rollout's status"),
+                          **_PROBLEMS}}}
+        for action, summary in (("pause", "Pause: no more commands (devices already commanded go on)"),
+                                ("resume", "Resume a paused rollout where it stopped"),
+                                ("cancel", "Cancel: devices not yet commanded are CANCELED"))}
+    rollback = {"post": {"summary": "Roll back: a rollout of the previous version to the devices that took this one "
+                                    "(one per rollout; the original is canceled if still going)",
+                         "security": [{"bearer": []}], "parameters": [rollout_param],
+                         "responses": {"201": _json(_ref("Rollout"), "the rollback rollout"),
+                                       "200": _json(_ref("Rollout"), "the rollback created before"),
+                                       "404": _problem("unknown"), "409": _problem("no device succeeded in it"),
+                                       **_PROBLEMS}}}
+    flag_param = {"name": "name", "in": "path", "required": True, "schema": {"type": "string"}}
+    flags = {"get": {"summary": "Feature flags", "security": [{"bearer": []}],
+                     "responses": {"200": _json({"type": "object"}, "every flag"), **_PROBLEMS}}}
+    one_flag = {"get": {"summary": "One feature flag", "security": [{"bearer": []}], "parameters": [flag_param],
+                        "responses": {"200": _json(_ref("Flag"), "the flag"), "404": _problem("unknown"), **_PROBLEMS}},
+                "put": {"summary": "Set a feature flag (admin); rollouts.kill_switch on stops every rollout's dispatch",
+                        "security": [{"bearer": []}], "parameters": [flag_param],
+                        "requestBody": {"required": True, "content": {"application/json": {"schema": _ref("FlagSetting")}}},
+                        "responses": {"200": _json(_ref("Flag"), "the flag as set"), **_PROBLEMS}}}
     return {
         "openapi": "3.1.0",
         "info": {"title": "iotflow", "version": "1", "description": "Device management and pipeline API "
@@ -162,6 +188,10 @@ def document() -> dict[str, Any]:
             "/api/v1/firmware": firmware_list,
             "/api/v1/firmware/rollouts": rollouts,
             "/api/v1/firmware/rollouts/{rollout_id}": one_rollout,
+            **rollout_actions,
+            "/api/v1/firmware/rollouts/{rollout_id}/rollback": rollback,
+            "/api/v1/flags": flags,
+            "/api/v1/flags/{name}": one_flag,
             "/api/v1/firmware/{version}": firmware_one,
             "/api/v1/pipeline/accounting": accounting,
             "/api/v1/pipeline/accounting/devices/{device_id}": device_accounting,
@@ -198,12 +228,22 @@ def document() -> dict[str, Any]:
                             "min_executed": {"type": "integer", "minimum": 1, "maximum": MAX_TARGET_IDS}}},
                         "device_timeout_s": {"type": "integer", "minimum": 10, "maximum": 7 * 86400},
                         "retries": {"type": "integer", "minimum": 0, "maximum": 10},
-                        "dispatch_per_s": {"type": "number", "minimum": 0.1, "maximum": 10000}}},
+                        "dispatch_per_s": {"type": "number", "minimum": 0.1, "maximum": 10000},
+                        "health_window_s": {"type": "integer", "minimum": 0, "maximum": 86400},
+                        "start_at": {"type": ["string", "null"], "format": "date-time"}}},
+                "FlagSetting": {"type": "object", "additionalProperties": False, "required": ["enabled"],
+                                "properties": {"enabled": {"type": "boolean"},
+                                               "percentage": {"type": "integer", "minimum": 0, "maximum": 100}}},
+                "Flag": {"type": "object", "required": ["name", "enabled", "percentage"],
+                         "properties": {"name": {"type": "string"}, "enabled": {"type": "boolean"},
+                                        "percentage": {"type": "integer"}, "updated_at": {"type": ["string", "null"]}}},
                 "Rollout": {"type": "object", "required": ["id", "firmware_version", "status", "spec", "devices",
                                                            "by_state", "waves"],
                             "properties": {"id": {"type": "string"}, "firmware_version": {"type": "string"},
                                            "status": {"enum": list(ROLLOUT_STATUSES)}, "spec": {"type": "object"},
                                            "devices": {"type": "integer"}, "by_state": {"type": "object"},
+                                           "current_wave": {"type": "integer"}, "unhealthy": {"type": "integer"},
+                                           "rate_per_min": {"type": "number"}, "eta_s": {"type": ["integer", "null"]},
                                            "waves": {"type": "array"}}},
                 "FirmwareRelease": {"type": "object", "additionalProperties": False,
                                     "required": ["version", "url", "size_bytes", "sha256"],

@@ -14,10 +14,12 @@ from iotflow.errors import (
     DeviceConflict,
     DeviceNotFound,
     FirmwareConflict,
+    FlagNotFound,
     FirmwareNotFound,
     IdempotencyMismatch,
     InvalidRequest,
     RegistryUnavailable,
+    RolloutConflict,
     RolloutNotFound,
     VersionMismatch,
 )
@@ -70,6 +72,11 @@ async def answer(view: View, request: Request, work: Callable[[], Awaitable[Resp
                        rollout_id=exc.rollout_id)
     except RolloutNotFound as exc:
         return problem(view, request, 404, "No such rollout", str(exc), rollout_id=exc.rollout_id)
+    except RolloutConflict as exc:
+        return problem(view, request, 409, "Not possible in the rollout's status", str(exc),
+                       rollout_id=exc.rollout_id, status=exc.status)
+    except FlagNotFound as exc:
+        return problem(view, request, 404, "No such flag", str(exc), name=exc.name)
     except VersionMismatch as exc:
         return problem(view, request, 412, "Device changed since it was read", str(exc),
                        device_id=exc.device_id, current_version=exc.current)

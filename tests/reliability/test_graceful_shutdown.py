@@ -97,6 +97,8 @@ def test_sigterm_under_load_fails_no_request_and_loses_no_message(settings, star
     worker = start_worker(**env)
     worker.wait_ready()
     worker.wait_registered(devices)
+    # A load balancer puts a worker in rotation once its readiness says so.
+    assert wait_for(lambda: http_json("GET", f"{worker.url}/health/ready")[0] == 200, timeout=60)
 
     producer = Producer(settings, devices)
     producer.start()

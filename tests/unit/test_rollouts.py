@@ -175,3 +175,58 @@ def test_any_json_body_is_a_rollout_request_or_a_named_error(body):
         parse_rollout_request(json.dumps(body).encode())
     except InvalidRequest as exc:
         assert exc.errors and all({"field", "value", "reason"} <= set(e) for e in exc.errors)
+
+
+def test_failed_and_timed_out_devices_are_retried_from_queued_and_nothing_else_is():
+    from iotflow.rollouts import retry
+
+    assert retry(S.FAILED) is S.QUEUED and retry(S.TIMED_OUT) is S.QUEUED
+    assert all(retry(s) is None for s in S if s not in (S.FAILED, S.TIMED_OUT))
+
+
+def test_a_rollout_request_takes_a_health_window_and_a_start_time_with_a_zone():
+    from iotflow.errors import InvalidRequest
+    from iotflow.rollouts import parse_rollout_request
+
+    parsed = parse_rollout_request(request(health_window_s=30, start_at="2026-12-01T03:00:00+01:00"))
+    assert (parsed.health_window_s, parsed.start_at) == (30, "2026-12-01T02:00:00+00:00")
+    assert parse_rollout_request(request()).health_window_s == 300
+    with pytest.raises(InvalidRequest) as caught:
+        parse_rollout_request(request(health_window_s=-1, start_at="2026-12-01T03:00:00"))
+    assert {e["field"] for e in caught.value.errors} == {"health_window_s", "start_at"}
+
+
+def test_a_status_report_is_read_or_every_bad_field_is_named():
+    import json
+    import uuid
+
+    from iotflow.errors import InvalidRequest
+    from iotflow.rollouts import parse_status_report
+
+    rollout_id, command_id = str(uuid.uuid4()), str(uuid.uuid4())
+    report = parse_status_report(b"dev-1", json.dumps({"rollout_id": rollout_id, "command_id": command_id,
+                                                         "state": "FAILED", "error": "checksum mismatch"}).encode())
+    assert (report.device_id, report.rollout_id, report.command_id, report.state, report.error) == (
+        "dev-1", rollout_id, command_id, S.FAILED, "checksum mismatch")
+    with pytest.raises(InvalidRequest) as caught:
+        parse_status_report(b"dev 1", json.dumps({"rollout_id": "x", "state": "CANCELED", "error": 5}).encode())
+    assert {e["field"] for e in caught.value.errors} == {"device_id", "rollout_id", "command_id", "state", "error"}
+    with pytest.raises(InvalidRequest):
+        parse_status_report(b"dev-1", b"\xff not json")
+
+
+def test_the_watch_draws_a_bar_per_wave_and_names_the_counts():
+    from iotflow.rollout_watch import bar, render
+
+    assert bar({"SUCCEEDED": 5, "QUEUED": 5}, 10, 10) == "#####....."
+    assert bar({}, 0, 4) == "    "
+    text = render({"id": "r1", "firmware_version": "2.0.0", "status": "running", "abort_reason": None,
+                   "devices": 10, "by_state": {"SUCCEEDED": 4, "FAILED": 1, "NOTIFIED": 5}, "unhealthy": 0,
+                   "rate_per_min": 2.0, "eta_s": 150, "current_wave": 1,
+                   "waves": [{"wave": 0, "size": 2, "by_state": {"SUCCEEDED": 2}},
+                             {"wave": 1, "size": 8, "by_state": {"SUCCEEDED": 2, "FAILED": 1, "NOTIFIED": 5}}]},
+                  width=8)
+    lines = text.splitlines()
+    assert lines[1].startswith("all     [###x~~~~]") and "5/10 ended" in lines[1] and "eta 150 s" in lines[1]
+    assert lines[2] == "wave  0 [########] 2/2" and lines[3].startswith("wave  1*[")
+    assert lines[-1] == "NOTIFIED 5  SUCCEEDED 4  FAILED 1"

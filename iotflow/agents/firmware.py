@@ -1,0 +1,80 @@
+"""The firmware-status agent and the rollout orchestrator's timer.
+
+``firmware-status`` carries the devices' reports (bridge ← ``devices/{id}/firmware/status``). Each is
+applied to its execution in PostgreSQL in its own transaction before the next is read, so Faust
+acknowledges it only once applied; reports are at least once and out of order, and applying
+one again changes nothing (:func:`iotflow.rollouts.apply_report`). A report that cannot be read,
+or that no device may send in its state, goes to ``sensor-data-dlq`` as ``invalid_status`` with
+the original bytes and the field and reason in headers; the agent goes on.
+
+The orchestrator (iotflow/orchestrator.py) ticks on the leader worker only.
+"""
+from __future__ import annotations
+
+import asyncio
+
+import asyncpg
+import faust
+import structlog
+
+from iotflow import metrics, topics
+from iotflow.errors import InvalidRequest, IotflowError
+from iotflow.orchestrator import Orchestrator
+from iotflow.rollout_store import RolloutStore
+from iotflow.rollouts import InvalidTransition, parse_status_report
+from iotflow.settings import Settings
+
+log = structlog.get_logger(__name__)
+
+_TRANSIENT = (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError, IotflowError)
+_RETRY_S = 1.0
+
+
+def register(app: faust.App, settings: Settings, store: RolloutStore, orchestrator: Orchestrator) -> None:
+    dlq = topics.sensor_data_dlq(app, settings)
+
+    async def to_dlq(event: faust.EventT, field: str, reason: str) -> None:
+        message = event.message
+        metrics.FIRMWARE_REPORTS.labels("invalid").inc()
+        metrics.DLQ.labels("invalid_status").inc()
+        log.warning("firmware_report_invalid", field=field, reason=reason[:200], partition=message.partition,
+                    offset=message.offset)
+        await dlq.send(key=message.key, value=message.value, headers=[
+            ("iotflow-error", b"invalid_status"), ("iotflow-field", field.encode()),
+            ("iotflow-reason", reason.encode()), ("iotflow-source-topic", message.topic.encode()),
+            ("iotflow-source-partition", str(message.partition).encode()),
+            ("iotflow-source-offset", str(message.offset).encode())])
+
+    @app.agent(topics.firmware_status(app, settings), name="iotflow.firmware.status")
+    async def firmware_status(stream: faust.StreamT) -> None:
+        async for event in stream.events():
+            try:
+                report = parse_status_report(event.key, event.value)
+            except InvalidRequest as exc:
+                first = exc.errors[0] if exc.errors else {"field": "value", "reason": str(exc)}
+                await to_dlq(event, str(first["field"]), str(exc))
+                continue
+            while True:  # PostgreSQL away: the report waits (and so does the partition), never dropped
+                try:
+                    outcome = await store.apply_report(report)
+                    break
+                except InvalidTransition as exc:
+                    await to_dlq(event, "state", str(exc))
+                    outcome = None
+                    break
+                except _TRANSIENT as exc:
+                    log.warning("firmware_report_retry", error=f"{exc.__class__.__name__}: {exc}")
+                    await asyncio.sleep(_RETRY_S)
+            if outcome is not None:
+                metrics.FIRMWARE_REPORTS.labels(outcome).inc()
+
+    @app.timer(settings.rollout_tick_s, name="iotflow.rollouts.orchestrator", on_leader=True)
+    async def orchestrate() -> None:
+        try:
+            report = await orchestrator.tick()
+        except _TRANSIENT as exc:
+            log.warning("orchestrator_tick_failed", error=f"{exc.__class__.__name__}: {exc}")  # the next tick retries
+            return
+        if report.dispatched or report.timed_out or report.retried or report.ended:
+            log.info("orchestrator_tick", dispatched=report.dispatched, timed_out=report.timed_out,
+                     retried=report.retried, ended=report.ended, held=report.held)

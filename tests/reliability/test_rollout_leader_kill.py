@@ -1,0 +1,33 @@
+"""The leader worker killed (SIGKILL) mid-rollout: the other worker's orchestrator takes over and
+finishes the rollout, and no device gets a second command (a command id re-published by the new
+leader is the same id, which the device applies once)."""
+from __future__ import annotations
+
+import pytest
+
+from iotflow.testing import wait_for
+from tests.integration.test_rollouts import rig  # noqa: F401 - the fixture
+
+
+@pytest.mark.timeout(900)
+def test_the_leader_killed_mid_rollout_the_other_worker_finishes_it_without_a_second_command(rig, chaos):  # noqa: F811
+    r = rig(200, workers=2)
+    rollout = r.create({"firmware": r.publish("4.0.0"), "targets": {"devices": r.ids}, "waves": {"sizes": [20, 180]},
+                        "health_window_s": 0, "dispatch_per_s": 20})
+    assert wait_for(lambda: r.counter.total() >= 40, timeout=120)
+    leader = next(w for w in r.workers if "orchestrator_tick" in w.log_text())
+    r.worker = next(w for w in r.workers if w is not leader)
+    at_kill = r.counter.total()
+    leader.kill()
+    done = r.wait_status(rollout["id"], {"completed", "aborted", "canceled"}, timeout=600)
+    assert done["status"] == "completed" and done["by_state"] == {"SUCCEEDED": 200}, done
+    assert "orchestrator_tick" in r.worker.log_text()  # the survivor took over
+    # Each device saw one command id (re-publishing the same id is allowed; the device applies it once).
+    assert len(r.counter.by_device) == 200
+    assert {len(set(ids)) for ids in r.counter.by_device.values()} == {1}
+    r.close()
+    installs = [s["installs"] for s in r.summary["devices"].values()]
+    # In the table: commands sent, devices updated once, devices never updated, second installs.
+    chaos(fault=f"leader worker SIGKILL mid-rollout ({at_kill} of 200 commanded)", sent=200,
+          stored=installs.count(1), lost=installs.count(0), duplicated=sum(n - 1 for n in installs if n > 1))
+    assert set(installs) == {1}
