@@ -27,6 +27,7 @@ import heapq
 import itertools
 import json
 import random
+import selectors
 import sys
 import threading
 import time
@@ -102,9 +103,145 @@ class _Device:
     silent_until: float = 0.0  # monotonic time until which it publishes nothing of its own (rebooting)
     silent: bool = False  # gone silent for good (a simulated bricked device)
     applied: dict[str, str] = field(default_factory=dict)  # command id → last state reported for it
+    opened: bool = False  # its first connect was made
     connected: threading.Event = field(default_factory=threading.Event)
     published: int = 0  # QoS 1 publishes handed to paho (sent, or queued while disconnected)
     lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+class _Network:
+    """One thread runs every device's MQTT connection (paho's loop_read/loop_write/loop_misc over a
+    selector): a fleet of thousands costs one thread, not one per device. Other threads publish
+    through paho's thread-safe queue; a device whose connection dropped reconnects after the delay
+    its ``on_disconnect`` chose."""
+
+    def __init__(self, host: str, port: int, keepalive_s: int) -> None:
+        self.host, self.port, self.keepalive_s = host, port, keepalive_s
+        self._selector = selectors.DefaultSelector()
+        self._fds: dict[int, _Device] = {}  # registered socket fd → device
+        self._fd_of: dict[int, int] = {}  # id(device) → its registered fd
+        self._writers: set[int] = set()  # id(device) of devices with something to send
+        self._by_id: dict[int, _Device] = {}
+        self._reconnects: list[tuple[float, int, int]] = []  # (due, order, id(device))
+        self._order = itertools.count()
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="simulator-network", daemon=True)
+            self._thread.start()
+
+    def connect(self, device: _Device) -> None:
+        with self._lock:
+            self._by_id[id(device)] = device
+        self.reconnect_later(device, 0.0)
+
+    def wants_write(self, device: _Device) -> None:
+        with self._lock:
+            self._writers.add(id(device))
+
+    def reconnect_later(self, device: _Device, delay_s: float) -> None:
+        with self._lock:
+            heapq.heappush(self._reconnects, (time.monotonic() + delay_s, next(self._order), id(device)))
+
+    def stop(self, flush_s: float = 10.0) -> None:
+        """Send what is queued (the devices' DISCONNECTs), then close every connection."""
+        deadline = time.monotonic() + flush_s
+        while time.monotonic() < deadline:
+            with self._lock:
+                pending = any(self._by_id[i].client.want_write() for i in self._fd_of)
+            if not pending:
+                break
+            time.sleep(0.02)
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+        for device in self._by_id.values():
+            sock = device.client.socket()
+            if sock is not None:
+                sock.close()
+
+    def _register(self, device: _Device) -> None:
+        self._unregister(device)
+        sock = device.client.socket()
+        if sock is None:
+            return
+        fd = sock.fileno()
+        self._selector.register(fd, selectors.EVENT_READ, device)
+        self._fds[fd] = device
+        self._fd_of[id(device)] = fd
+
+    def _unregister(self, device: _Device) -> None:
+        fd = self._fd_of.pop(id(device), None)
+        if fd is not None:
+            self._fds.pop(fd, None)
+            try:
+                self._selector.unregister(fd)
+            except (KeyError, ValueError):
+                pass
+
+    def _run(self) -> None:
+        last_misc = time.monotonic()
+        while not self._stop.is_set():
+            now = time.monotonic()
+            due = []
+            with self._lock:
+                while self._reconnects and self._reconnects[0][0] <= now:
+                    due.append(self._by_id[heapq.heappop(self._reconnects)[2]])
+            for device in due:
+                self._open(device)
+            if self._fds:
+                events = self._selector.select(timeout=0.02)
+            else:
+                events = []
+                time.sleep(0.02)
+            for key, _ in events:
+                device = key.data
+                if device.client.loop_read() != mqtt.MQTT_ERR_SUCCESS:
+                    self._lost(device)
+            with self._lock:
+                writers, self._writers = self._writers, set()
+            for ident in writers:
+                device = self._by_id[ident]
+                if ident in self._fd_of and device.client.want_write():
+                    if device.client.loop_write() != mqtt.MQTT_ERR_SUCCESS:
+                        self._lost(device)
+                    elif device.client.want_write():
+                        self.wants_write(device)  # more than one write's worth queued
+            if now - last_misc >= 1.0:  # keepalive pings and their timeouts
+                last_misc = now
+                for ident in list(self._fd_of):
+                    device = self._by_id[ident]
+                    if device.client.loop_misc() != mqtt.MQTT_ERR_SUCCESS:
+                        self._lost(device)
+                    elif device.client.want_write():
+                        self.wants_write(device)  # in case a register-write callback was skipped
+
+    def _open(self, device: _Device) -> None:
+        if device.stopping:
+            return
+        try:
+            if device.client.socket() is None and not device.opened:
+                device.opened = True
+                device.client.connect(self.host, self.port, keepalive=self.keepalive_s)
+            else:
+                device.client.reconnect()
+        except (OSError, mqtt.WebsocketConnectionError):
+            device.connected.clear()
+            self._unregister(device)
+            self.reconnect_later(device, full_jitter(device.reconnects, base_s=0.2, cap_s=10.0, rng=device.rng))
+            device.reconnects += 1
+            return
+        self._register(device)
+        self.wants_write(device)  # the CONNECT packet
+
+    def _lost(self, device: _Device) -> None:
+        """The connection dropped (paho called on_disconnect, which scheduled the reconnect)."""
+        self._unregister(device)
+        if not device.stopping and device.connected.is_set():
+            device.connected.clear()
 
 
 def malformed_payload(kind: str, device_id: str, rng: random.Random, now_ms: int) -> bytes:
@@ -146,6 +283,8 @@ class Fleet:
         self._order = itertools.count()
         self._due_changed = threading.Condition()
         self._stop_scheduler = False
+        self.network = _Network(self.url.hostname or "127.0.0.1", self.url.port or 1883,
+                                int(settings.mqtt_keepalive_s))
         self.devices = [self._device(device_id, random.Random(master.getrandbits(64)))
                         for device_id in device_ids(config.prefix, config.devices)]
 
@@ -154,7 +293,6 @@ class Fleet:
                              protocol=mqtt.MQTTv311)
         client.max_queued_messages_set(self.config.buffer_size)
         client.max_inflight_messages_set(100)
-        client.reconnect_delay_set(min_delay=1, max_delay=1)  # the jitter below does the real waiting
         if self.url.username:
             client.username_pw_set(self.url.username, self.url.password)
         device = _Device(DeviceReport(device_id), client, rng)
@@ -170,9 +308,9 @@ class Fleet:
             device.connected.clear()
             if not device.stopping:
                 device.report.connection_losses += 1
-            # Full jitter before paho's own reconnect: a fleet dropped at once comes back spread out.
-            time.sleep(full_jitter(device.reconnects, base_s=0.2, cap_s=10.0, rng=device.rng))
-            device.reconnects += 1
+                # Full jitter before the reconnect: a fleet dropped at once comes back spread out.
+                self.network.reconnect_later(device, full_jitter(device.reconnects, base_s=0.2, cap_s=10.0, rng=device.rng))
+                device.reconnects += 1
 
         def on_publish(c: mqtt.Client, u: object, mid: int, reason: object, props: object) -> None:
             with device.lock:
@@ -181,6 +319,8 @@ class Fleet:
         client.on_connect = on_connect
         client.on_disconnect = on_disconnect
         client.on_publish = on_publish
+        client.on_socket_register_write = lambda c, u, sock: self.network.wants_write(device)
+        client.on_socket_unregister_write = lambda c, u, sock: None
         if self.config.firmware is not None:
             device.report.firmware_version = self.config.firmware.version
             client.on_message = lambda c, u, message: self._on_command(device, message.payload)
@@ -270,11 +410,10 @@ class Fleet:
     def _quiet(self, device: _Device, now: float) -> bool:
         return device.silent or now < device.silent_until
 
-    def connect(self, timeout: float = 30.0) -> None:
+    def connect(self, timeout: float = 90.0) -> None:
+        self.network.start()
         for device in self.devices:
-            device.client.connect_async(self.url.hostname, self.url.port or 1883,
-                                        keepalive=int(self.settings.mqtt_keepalive_s))
-            device.client.loop_start()
+            self.network.connect(device)
         deadline = time.monotonic() + timeout
         for device in self.devices:
             if not device.connected.wait(max(0.0, deadline - time.monotonic())):
@@ -361,7 +500,7 @@ class Fleet:
         for device in self.devices:
             device.stopping = True
             device.client.disconnect()
-            device.client.loop_stop()
+        self.network.stop()
         return self.summary(time.monotonic() - started)
 
     def _wait_for_acks(self, timeout: float) -> None:

@@ -5,7 +5,10 @@
 - lifecycle events from the outbox relay: the registry table applies each when its outbox
   ``seq`` is above the device's last applied one (a republished or replayed event takes effect
   once), and the Redis cache entry of the device is replaced by a tombstone of the new version;
-- heartbeats from the bridge: the presence table records when each device was last seen, and the
+- heartbeats from the bridge: the presence table records when each device was last seen (written
+  to its changelog in batches: when the agent's buffer runs empty, every 1,000 heartbeats, and
+  before any lifecycle event — so a heartbeat may be acknowledged before its batch is written, and
+  a crash in between costs its time until the device's next heartbeat), and the
   times are written to PostgreSQL's ``devices.last_seen`` in batches every
   ``last_seen_flush_s``; while PostgreSQL is away they wait in memory (one entry per device) and
   go with the next flush — delayed, not lost (a crash meanwhile costs them until the device's
@@ -34,53 +37,59 @@ from iotflow.tables.batched import TableBatch, write_all
 
 log = structlog.get_logger(__name__)
 
+_HEARTBEATS_PER_WRITE = 1000
 _TRANSIENT = (asyncpg.PostgresError, asyncpg.InterfaceError, KafkaError, OSError, TimeoutError, IotflowError)
 
 
 def register(app: faust.App, settings: Settings, *, registry_table: faust.Table, presence: faust.Table,
              registry: DeviceRegistry, relay: OutboxRelay, cache: DeviceCache) -> None:
     unsaved: dict[str, datetime] = {}  # heartbeats not yet in PostgreSQL: device id → last seen
-    # Written through TableBatch, like the ingest agent's tables, and made durable before the next
-    # event (so before Faust acknowledges this one).
+    # Written through TableBatch, like the ingest agent's tables: a lifecycle event's change is
+    # durable before Faust acknowledges it; heartbeats are written in batches (module docstring).
     entries = TableBatch(app, registry_table, RegistryEntry)
     seen = TableBatch(app, presence, _Millis)
 
-    async def lifecycle(partition: int, key: bytes, value: bytes) -> None:
+    def lifecycle(partition: int, key: bytes, value: bytes) -> tuple[str, int] | None:
+        """Apply a lifecycle event to the batch; the cache entry to invalidate once it is durable."""
         entry = apply_event(entries.get(partition, key), msgspec.json.decode(value))
         if entry is None:
             metrics.DEVICE_EVENTS.labels("duplicate").inc()
-            return
+            return None
         entries.set(partition, key, entry)
-        await write_all((entries, entries.take()))
         metrics.DEVICE_EVENTS.labels("applied").inc()
-        # Changes made through any worker (or any other writer of the outbox) reach the cache here.
-        await cache.invalidate(key.decode(), int(entry.device["version"]))
+        return key.decode(), int(entry.device["version"])
 
-    async def heartbeat(partition: int, key: bytes, value: bytes, timestamp_s: float) -> None:
+    def heartbeat(partition: int, key: bytes, value: bytes, timestamp_s: float) -> None:
         seen_ms = heartbeat_seen_ms(key, value, int(timestamp_s * 1000))
         held = seen.get(partition, key)
         if held is None or held < seen_ms:
             seen.set(partition, key, seen_ms)
-            await write_all((seen, seen.take()))
             unsaved[key.decode()] = datetime.fromtimestamp(seen_ms / 1000, UTC)
         metrics.DEVICE_EVENTS.labels("heartbeat").inc()
 
     @app.agent(topics.device_events(app, settings), name="iotflow.devices")
     async def devices(stream: faust.StreamT) -> None:
+        queue = getattr(stream.channel, "queue", None)  # the agent's buffer of delivered events
         async for event in stream.events():
             key: bytes = event.key or b""
             kind = dict(event.headers or {}).get(topics.KIND_HEADER, b"lifecycle")
+            changed = None
             try:
                 partition = event.message.partition
                 if kind == b"heartbeat":
-                    await heartbeat(partition, key, event.value, event.message.timestamp)
+                    heartbeat(partition, key, event.value, event.message.timestamp)
                 else:
-                    await lifecycle(partition, key, event.value)
+                    changed = lifecycle(partition, key, event.value)
             except (InvalidRequest, msgspec.DecodeError, KeyError, TypeError, ValueError) as exc:
                 log.error("device_event_unreadable", kind=kind.decode(errors="replace"), key=key[:80],
                           value=event.value[:200], partition=event.message.partition,
                           offset=event.message.offset, error=str(exc))
                 metrics.DEVICE_EVENTS.labels("unreadable").inc()
+            if changed is not None or seen.pending >= _HEARTBEATS_PER_WRITE or queue is None or queue.empty():
+                await write_all((entries, entries.take()), (seen, seen.take()))
+            if changed is not None:
+                # Changes made through any worker (or any other writer of the outbox) reach the cache here.
+                await cache.invalidate(*changed)
 
     @app.timer(settings.outbox_interval_s, name="iotflow.outbox.relay", on_leader=True)
     async def relay_outbox() -> None:

@@ -77,6 +77,11 @@ class TableBatch(Generic[V]):
         raw = self._in_flight[key][1] if key in self._in_flight else stored(self.table, partition, key)
         return None if raw is None else self.codec.decode(raw)
 
+    @property
+    def pending(self) -> int:
+        """Keys set since the last :meth:`take`."""
+        return len(self._pending)
+
     def set(self, partition: int, key: bytes, value: V) -> None:
         self._pending[key] = (partition, value)
 

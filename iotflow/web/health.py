@@ -76,7 +76,8 @@ def register_readiness(app: faust.App, postgres: LazyPool, cache: DeviceCache) -
             status, code = "degraded", 200
         else:
             status, code = "ready", 200
-        return self.json({"status": status, "checks": checks}, status=code)
+        # Whether this worker leads the group (runs the outbox relay and the rollout orchestrator).
+        return self.json({"status": status, "checks": checks, "leader": app.is_leader()}, status=code)
 
 
 async def _timed(check: Callable[[], Awaitable[str]]) -> dict[str, object]:

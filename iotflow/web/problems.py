@@ -74,7 +74,7 @@ async def answer(view: View, request: Request, work: Callable[[], Awaitable[Resp
         return problem(view, request, 404, "No such rollout", str(exc), rollout_id=exc.rollout_id)
     except RolloutConflict as exc:
         return problem(view, request, 409, "Not possible in the rollout's status", str(exc),
-                       rollout_id=exc.rollout_id, status=exc.status)
+                       rollout_id=exc.rollout_id, rollout_status=exc.status)
     except FlagNotFound as exc:
         return problem(view, request, 404, "No such flag", str(exc), name=exc.name)
     except VersionMismatch as exc:

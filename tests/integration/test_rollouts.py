@@ -62,30 +62,38 @@ class Rig:
 
     def __init__(self, settings, start_worker, run_id: str, tmp_path: Path, devices: int, *,
                  heartbeat_s: float = 2.0, workers: int = 1, **behaviour: float) -> None:
+        self.settings, self.run_id, self.closed = settings, run_id, False
+        self.bridge = None
+        self.counter: CommandCounter | None = None
+        self.thread: threading.Thread | None = None
+        self.stop = threading.Event()
+        self.summary: dict = {}
+        try:
+            self._start(start_worker, tmp_path, devices, heartbeat_s, workers, behaviour)
+        except BaseException:
+            self.close()  # nothing of a half-built rig outlives the test
+            raise
+
+    def _start(self, start_worker, tmp_path: Path, devices: int, heartbeat_s: float, workers: int,
+               behaviour: dict) -> None:
         self.workers = [start_worker(**WORKER_ENV) for _ in range(workers)]
         for worker in self.workers:
             worker.wait_ready()
         self.worker = self.workers[0]
-        self.settings = settings
         self.admin = self.worker.bearer("admin")
-        self.prefix = f"fw{run_id}"
-        self.run_id = run_id
-        self.closed = False
+        self.prefix = f"fw{self.run_id}"
         self.ids = device_ids(self.prefix, devices)
-        self.counter = CommandCounter(settings, self.prefix)
-        self.bridge = start_bridge(settings, tmp_path, f"bridge-{run_id}")
-        wait_for_log(tmp_path / f"bridge-bridge-{run_id}.log", "mqtt_connected")
-        self.fleet = Fleet(settings, FleetConfig(devices=devices, messages_per_device=None, rate_per_device=0.2,
-                                                 seed=11, prefix=self.prefix, heartbeat_s=heartbeat_s,
-                                                 firmware=FirmwareBehaviour(**{
-                                                     "version": self.version("1.0.0"), "step_s": 0.1,
-                                                     "reboot_s": 0.5, **behaviour})))
-        self.stop = threading.Event()
-        self.summary: dict = {}
+        self.counter = CommandCounter(self.settings, self.prefix)
+        self.bridge = start_bridge(self.settings, tmp_path, f"bridge-{self.run_id}")
+        wait_for_log(tmp_path / f"bridge-bridge-{self.run_id}.log", "mqtt_connected")
+        self.fleet = Fleet(self.settings, FleetConfig(
+            devices=devices, messages_per_device=None, rate_per_device=0.2, seed=11, prefix=self.prefix,
+            heartbeat_s=heartbeat_s, firmware=FirmwareBehaviour(**{
+                "version": self.version("1.0.0"), "step_s": 0.1, "reboot_s": 0.5, **behaviour})))
         self.thread = threading.Thread(target=lambda: self.summary.update(self.fleet.run(self.stop)), daemon=True)
         self.thread.start()
-        # Registered (by the fleet), known to the worker and connected before any rollout starts.
-        assert wait_for(lambda: all(d.connected.is_set() for d in self.fleet.devices), timeout=120)
+        # Registered (by the fleet) and connected before any rollout starts.
+        assert wait_for(lambda: all(d.connected.is_set() for d in self.fleet.devices), timeout=180)
 
     def version(self, name: str) -> str:
         """A version of this test's own (the catalogue is shared, and a published version never changes)."""
@@ -139,10 +147,13 @@ class Rig:
             return
         self.closed = True
         self.stop.set()
-        self.thread.join(timeout=180)
-        self.counter.close()
-        self.bridge.terminate()
-        self.bridge.wait(timeout=30)
+        if self.thread is not None:
+            self.thread.join(timeout=180)
+        if self.counter is not None:
+            self.counter.close()
+        if self.bridge is not None:
+            self.bridge.terminate()
+            self.bridge.wait(timeout=30)
 
 
 @pytest.fixture
