@@ -67,11 +67,11 @@ def test_up_down_up_and_a_second_up_changes_nothing(scratch_db: Settings):
     assert [s.applied for s in asyncio.run(m.status())] == [True] * len(versions)
     # Plain PostgreSQL here: daily partitions from the retention window back to a week ahead.
     assert asyncio.run(partitions(scratch_db.tsdb_dsn)) == 91 + 1 + 7
-    assert asyncio.run(tables(scratch_db.tsdb_dsn)) == {"sensor_measurements", "devices", "device_outbox", "firmware", "rollouts", "rollout_devices"}
+    assert asyncio.run(tables(scratch_db.tsdb_dsn)) == {"sensor_measurements", "devices", "device_outbox", "firmware", "rollouts", "rollout_devices", "feature_flags"}
     assert [x.version for x in asyncio.run(m.down(0))] == versions[::-1]
     assert asyncio.run(tables(scratch_db.tsdb_dsn)) == set()
     assert [x.version for x in asyncio.run(m.up())] == versions
-    assert asyncio.run(tables(scratch_db.tsdb_dsn)) == {"sensor_measurements", "devices", "device_outbox", "firmware", "rollouts", "rollout_devices"}
+    assert asyncio.run(tables(scratch_db.tsdb_dsn)) == {"sensor_measurements", "devices", "device_outbox", "firmware", "rollouts", "rollout_devices", "feature_flags"}
 
 
 def test_down_to_a_version_keeps_what_came_before(scratch_db: Settings):
