@@ -98,3 +98,7 @@ FIRMWARE_FAILURES = Counter(
     "Device executions that ended badly, by state (FAILED, TIMED_OUT, REJECTED, UNHEALTHY).", ["state"])
 ROLLOUTS_ENDED = Counter("iotflow_rollouts_ended_total", "Rollouts that ended, by status (completed, aborted, canceled).",
                          ["status"])
+FETCH_HELD = Gauge(
+    "iotflow_consumer_partitions_not_fetched",
+    "Assigned partitions the fetcher does not read now (paused, or their stream's buffer under pressure); "
+    "outside table recovery this should return to 0 within seconds.")

@@ -30,6 +30,7 @@ def register(app: faust.App, settings: Settings, pipeline: IngestPipeline, pools
 
     metrics.TABLE_RECOVERY_ACTIVE.set_function(lambda: bool(app.in_recovery))
     metrics.TABLE_RECOVERY_REMAINING.set_function(lambda: _recovery_remaining(app))
+    metrics.FETCH_HELD.set_function(lambda: _fetch_held(app))
 
     @app.timer(SAMPLE_EVERY_S, name="iotflow.metrics.sample")
     async def sample() -> None:
@@ -41,6 +42,16 @@ def register(app: faust.App, settings: Settings, pipeline: IngestPipeline, pools
             metrics.POOL_CONNECTIONS.labels(name, "max").set(most)
 
     app.web.web_app.middlewares.append(http_metrics)
+
+
+def _fetch_held(app: faust.App) -> int:
+    """Assigned partitions the fetcher does not read (paused by Faust, or taken out while their
+    stream's buffer is under pressure) — while not restoring tables, more than a moment of this
+    means a stuck worker."""
+    consumer = getattr(app, "_consumer", None)
+    if consumer is None or getattr(consumer, "_active_partitions", None) is None:
+        return 0
+    return len(set(consumer.assignment()) - set(consumer._active_partitions))
 
 
 def sample_lag(app: faust.App, sources: set[str], sensor_data: str, durable_until: dict[int, float],

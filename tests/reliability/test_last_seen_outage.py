@@ -21,14 +21,19 @@ IOTFLOW = Path(sys.executable).with_name("iotflow")
 
 
 async def heartbeat(settings, devices: list[str]) -> dict[str, int]:
-    """One heartbeat per device as the bridge forwards it; returns each one's Kafka timestamp (ms)."""
+    """One heartbeat per device as the bridge forwards it; returns each one's Kafka timestamp (ms),
+    set explicitly: the producer's acknowledgement reports its batch's timestamp, which can be a
+    millisecond off a record's own."""
     producer = AIOKafkaProducer(bootstrap_servers=settings.kafka_bootstrap, acks="all")
     await producer.start()
     try:
+        stamps = {d: int(time.time() * 1000) for d in devices}
         sent = [await producer.send(topics.name(settings, topics.DEVICE_EVENTS),
-                                    json.dumps({"device_id": d, "ts": int(time.time() * 1000)}).encode(),
-                                    key=d.encode(), headers=[(topics.KIND_HEADER, b"heartbeat")]) for d in devices]
-        return {d: (await s).timestamp for d, s in zip(devices, sent)}
+                                    json.dumps({"device_id": d, "ts": stamps[d]}).encode(), key=d.encode(),
+                                    headers=[(topics.KIND_HEADER, b"heartbeat")], timestamp_ms=stamps[d])
+                for d in devices]
+        await asyncio.gather(*sent)
+        return stamps
     finally:
         await producer.stop()
 
@@ -77,4 +82,9 @@ def test_heartbeats_during_a_database_outage_reach_last_seen_after_it(settings, 
         values = asyncio.run(last_seen(settings, devices))
         return all(values[d] is not None and int(values[d].timestamp() * 1000) == ms for d, ms in sent_ms.items())
 
-    assert wait_for(caught_up, timeout=60), (asyncio.run(last_seen(settings, devices)), sent_ms)
+    def behind() -> dict[str, tuple[datetime | None, int]]:
+        values = asyncio.run(last_seen(settings, devices))
+        return {d: (values[d], ms) for d, ms in sent_ms.items()
+                if values[d] is None or int(values[d].timestamp() * 1000) != ms}
+
+    assert wait_for(caught_up, timeout=60), (behind(), worker.log_text()[-3000:])
