@@ -71,6 +71,9 @@ def parse_flag(name: str, body: bytes) -> Flag:
     return Flag(name, bool(enabled), int(percentage))
 
 
+_COLUMNS = "name, enabled, percentage, updated_at"
+
+
 def _flag(record: asyncpg.Record) -> Flag:
     return Flag(record["name"], record["enabled"], record["percentage"], record["updated_at"])
 
@@ -84,25 +87,25 @@ class Flags:
             record = await conn.fetchrow(
                 "INSERT INTO feature_flags (name, enabled, percentage) VALUES ($1, $2, $3) "
                 "ON CONFLICT (name) DO UPDATE SET enabled = $2, percentage = $3, updated_at = now() "
-                "RETURNING name, enabled, percentage, updated_at", flag.name, flag.enabled, flag.percentage)
+                f"RETURNING {_COLUMNS}", flag.name, flag.enabled, flag.percentage)
         return _flag(record)
 
     async def get(self, name: str) -> Flag:
         async with self.connection() as conn:
             record = await conn.fetchrow(
-                "SELECT name, enabled, percentage, updated_at FROM feature_flags WHERE name = $1", name)
+                f"SELECT {_COLUMNS} FROM feature_flags WHERE name = $1", name)
         if record is None:
             raise FlagNotFound(name)
         return _flag(record)
 
     async def list(self) -> list[Flag]:
         async with self.connection() as conn:
-            records = await conn.fetch("SELECT name, enabled, percentage, updated_at FROM feature_flags ORDER BY name")
+            records = await conn.fetch(f"SELECT {_COLUMNS} FROM feature_flags ORDER BY name")
         return [_flag(r) for r in records]
 
 
 async def read(conn: asyncpg.Connection, names: list[str]) -> dict[str, Flag]:
     """The flags among ``names`` that exist (one query: the orchestrator reads them every tick)."""
     records = await conn.fetch(
-        "SELECT name, enabled, percentage, updated_at FROM feature_flags WHERE name = ANY($1::text[])", names)
+        f"SELECT {_COLUMNS} FROM feature_flags WHERE name = ANY($1::text[])", names)
     return {r["name"]: _flag(r) for r in records}

@@ -69,7 +69,8 @@ class RolloutStore:
         transaction."""
         async with self.connection(transaction=True) as conn:
             row = await conn.fetchrow(
-                "SELECT r.state, r.command_id, r.notified_at, coalesce(r.target_version, o.firmware_version) AS version "
+                "SELECT r.state, r.command_id, r.notified_at, coalesce(r.target_version, o.firmware_version) AS version, "
+                "coalesce((o.spec->>'health_window_s')::int, 0) = 0 AS no_health_window, now() AS now "
                 "FROM rollout_devices r JOIN rollouts o ON o.id = r.rollout_id "
                 "WHERE r.device_id = $1 AND r.rollout_id = $2 FOR UPDATE OF r",
                 report.device_id, uuid.UUID(report.rollout_id))
@@ -87,13 +88,11 @@ class RolloutStore:
                 "succeeded_at = CASE WHEN $3 = 'SUCCEEDED' THEN now() ELSE succeeded_at END, "
                 "health = CASE WHEN $3 = 'SUCCEEDED' AND $5 THEN 'ok' ELSE health END "
                 "WHERE device_id = $1 AND rollout_id = $2",
-                report.device_id, uuid.UUID(report.rollout_id), new.value, report.error,
-                await _no_health_window(conn, report.rollout_id))
+                report.device_id, uuid.UUID(report.rollout_id), new.value, report.error, row["no_health_window"])
             if new is DeviceState.SUCCEEDED:
                 await set_firmware_version(conn, report.device_id, row["version"])
                 if row["notified_at"] is not None:
-                    metrics.FIRMWARE_UPDATE_SECONDS.observe(
-                        max(0.0, (await conn.fetchval("SELECT now()") - row["notified_at"]).total_seconds()))
+                    metrics.FIRMWARE_UPDATE_SECONDS.observe(max(0.0, (row["now"] - row["notified_at"]).total_seconds()))
             elif new.terminal:
                 metrics.FIRMWARE_FAILURES.labels(new.value).inc()
             return "applied"
@@ -187,12 +186,6 @@ def _rollout_uuid(rollout_id: str) -> uuid.UUID:
         return uuid.UUID(rollout_id)
     except ValueError:
         raise RolloutNotFound(rollout_id) from None
-
-
-async def _no_health_window(conn: asyncpg.Connection, rollout_id: str) -> bool:
-    window = await conn.fetchval("SELECT (spec->>'health_window_s')::int FROM rollouts WHERE id = $1",
-                                 uuid.UUID(rollout_id))
-    return not window
 
 
 async def _resolve(conn: asyncpg.Connection, request: RolloutRequest) -> dict[str, str | None]:
