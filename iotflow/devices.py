@@ -118,7 +118,7 @@ class FieldErrors:
 def json_object(body: bytes) -> dict[str, Any]:
     try:
         value = msgspec.json.decode(body)
-    except msgspec.DecodeError as exc:
+    except (msgspec.DecodeError, UnicodeDecodeError) as exc:  # msgspec raises the latter for bad UTF-8
         raise InvalidRequest("Body is not JSON", [{"field": "body", "value": None, "reason": str(exc)}]) from None
     if not isinstance(value, dict):
         raise InvalidRequest("Body is not a JSON object",
@@ -351,10 +351,10 @@ def heartbeat_seen_ms(key: bytes, value: bytes, kafka_timestamp_ms: int) -> int:
     device's, which may be wrong); the payload must name the key's device."""
     try:
         body = msgspec.json.decode(value)
-    except msgspec.DecodeError as exc:
+    except (msgspec.DecodeError, UnicodeDecodeError) as exc:
         raise InvalidRequest("Invalid heartbeat", [{"field": "body", "value": value[:80], "reason": str(exc)}]) from None
     device_id = body.get("device_id") if isinstance(body, dict) else None
-    if device_id is None or device_id.encode() != key:
+    if not isinstance(device_id, str) or device_id.encode() != key:
         raise InvalidRequest("Invalid heartbeat", [{"field": "device_id", "value": device_id,
                                                     "reason": f"does not match the message key {key!r}"}])
     return kafka_timestamp_ms

@@ -72,6 +72,8 @@ def parse(raw: bytes, limits: Limits, *, now: datetime | None = None) -> Telemet
         raise _from_msgspec(str(exc)) from None
     except msgspec.DecodeError:
         raise InvalidPayload("payload", raw[:80], "not a JSON document") from None
+    except UnicodeDecodeError as exc:  # msgspec decodes strings itself and raises this for bad UTF-8
+        raise InvalidPayload("payload", raw[max(0, exc.start - 20):exc.end + 20], f"not UTF-8 ({exc.reason})") from None
     _check(DEVICE_ID, "device_id", wire.device_id, "letters, digits and _.:- only, 1-128 characters")
     _check(MSG_ID, "msg_id", wire.msg_id, "letters, digits and _.:- only, 1-128 characters")
     if not 0 <= wire.seq <= MAX_SEQ:

@@ -126,3 +126,11 @@ def test_every_well_formed_payload_is_accepted_as_sent(device_id, seq, age_s, me
     telemetry = parse(raw, LIMITS, now=NOW)
     assert (telemetry.device_id, telemetry.seq) == (device_id, seq)
     assert dict(telemetry.metrics) == {k: float(v) for k, v in metrics.items()}
+
+
+@pytest.mark.parametrize("bad", [b"\xff", b"\xc3\x28", b"\xed\xa0\x80"])
+def test_invalid_utf8_in_a_string_is_an_invalid_payload_naming_the_bytes(bad):
+    raw = payload(msg_id="m-1").replace(b'"m-1"', b'"m-' + bad + b'"')
+    with pytest.raises(InvalidPayload) as caught:
+        parse(raw, LIMITS, now=NOW)
+    assert caught.value.field == "payload" and "not UTF-8" in caught.value.reason
