@@ -34,6 +34,13 @@ from iotflow.settings import Settings
 READY_LINE = "Worker ready"
 
 
+def stack_service(action: str, service: str, timeout: float = 300) -> None:
+    """``iotflow stack up|down SERVICE`` for a fault test; fails the test if the command fails."""
+    done = subprocess.run([str(Path(sys.executable).with_name("iotflow")), "stack", action, service],
+                          capture_output=True, text=True, timeout=timeout)
+    assert done.returncode == 0, done.stderr
+
+
 def free_port() -> int:
     """A TCP port on loopback that nothing listens on right now."""
     with socket.socket() as sock:
@@ -236,7 +243,12 @@ async def stored_messages(settings: Settings, device_prefix: str) -> tuple[int, 
 
 async def dlq_messages(settings: Settings, timeout_ms: int = 5000) -> list:
     """Everything in this test's sensor-data-dlq."""
-    consumer = AIOKafkaConsumer(topics.name(settings, topics.SENSOR_DATA_DLQ), bootstrap_servers=settings.kafka_bootstrap,
+    return await topic_messages(settings, topics.SENSOR_DATA_DLQ, timeout_ms)
+
+
+async def topic_messages(settings: Settings, topic: str, timeout_ms: int = 5000) -> list:
+    """Everything in one of this test's topics (``topic`` without the prefix)."""
+    consumer = AIOKafkaConsumer(topics.name(settings, topic), bootstrap_servers=settings.kafka_bootstrap,
                                 auto_offset_reset="earliest", enable_auto_commit=False, group_id=None)
     await consumer.start()
     found = []

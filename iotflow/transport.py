@@ -9,10 +9,11 @@ full, so this consumer awaits it directly and keeps ``wait_first`` for the cases
 call: flow suspended, or the conductor's callback table locked by a resubscription. A delivery
 that waited on a full buffer through a rebalance (Faust's abandoned one would finish the same way,
 in the background) must not move the read offset that the rebalance's seek has set; the consumer
-generation tells. Everything else the fetcher does is kept: reading offsets,
-dropping records below the read offset, recording offset gaps for acking topics (so commits can
-pass transaction markers and compacted holes), committing every ``broker_commit_every`` acks, and
-yielding to the loop every hundred records.
+generation tells; and one that the rebalance cancelled (clearing a stream's buffer cancels the puts
+waiting on it) ends there, as Faust's separate delivery task would, not the fetcher. Everything
+else the fetcher does is kept: reading offsets, dropping records below the read offset, recording
+offset gaps for acking topics (so commits can pass transaction markers and compacted holes),
+committing every ``broker_commit_every`` acks, and yielding to the loop every hundred records.
 
 It also refuses a commit past an offset that was never acknowledged. Faust's ``_new_offset``
 checks the head of the acknowledged offsets against the committed one with an off-by-one
@@ -103,6 +104,8 @@ class Consumer(faust_aiokafka.Consumer):
         read_offsets = self._read_offset
         acking = self.app.topics.acks_enabled_for
         since_yield = 0
+        current = asyncio.current_task()
+        assert current is not None
 
         def stopping() -> bool:
             return self._stopped.is_set() or cast(Any, fetcher)._stopped.is_set()
@@ -135,7 +138,16 @@ class Consumer(faust_aiokafka.Consumer):
                         read_offsets[tp] = offset
                         continue
                     generation = self.app.consumer_generation_id
-                    await deliver(message)
+                    try:
+                        await deliver(message)
+                    except asyncio.CancelledError:
+                        if current.cancelling():
+                            raise  # this task is being cancelled (the fetcher stops)
+                        # A rebalance cleared the stream's full buffer and cancelled the delivery
+                        # waiting on it (mode's ThrowableQueue.clear); Faust's own delivery task
+                        # would have died alone. The message was not delivered: the seek to the
+                        # committed offsets reads it again.
+                        continue
                     if self.app.consumer_generation_id == generation:
                         read_offsets[tp] = offset
                     # else the delivery waited on a full stream buffer through a rebalance, whose

@@ -2,18 +2,15 @@
 from __future__ import annotations
 
 import asyncio
-import subprocess
-import sys
 import time
-from pathlib import Path
 
 import pytest
 
 from iotflow.simulator import FleetConfig
-from iotflow.testing import http_get_json, http_json, produce, register, rss_kib, stored_messages, telemetry, wait_for
+from iotflow.testing import (
+    http_get_json, http_json, produce, register, rss_kib, stack_service, stored_messages, telemetry, wait_for,
+)
 from tests.integration.test_mqtt_path import FleetThroughBridge
-
-IOTFLOW = Path(sys.executable).with_name("iotflow")
 
 
 @pytest.mark.timeout(600)
@@ -54,8 +51,7 @@ def test_the_database_stopped_for_30_seconds_costs_nothing_and_memory_stays_boun
     assert wait_for(lambda: asyncio.run(stored_messages(settings, prefix))[1] > 1000, timeout=120)
     baseline_rss = rss_kib(worker.proc.pid)
 
-    down = subprocess.run([str(IOTFLOW), "stack", "down", "postgres"], capture_output=True, text=True, timeout=120)
-    assert down.returncode == 0, down.stderr
+    stack_service("down", "postgres")
     try:
         # Load keeps arriving while the database is away: Kafka holds it, the worker waits.
         second = [(d.encode(), telemetry(d, seq)) for seq in range(250, 1250) for d in devices]
@@ -70,8 +66,7 @@ def test_the_database_stopped_for_30_seconds_costs_nothing_and_memory_stays_boun
             peak = max(peak, rss_kib(worker.proc.pid))
             time.sleep(1)
     finally:
-        up = subprocess.run([str(IOTFLOW), "stack", "up", "postgres"], capture_output=True, text=True, timeout=120)
-        assert up.returncode == 0, up.stderr
+        stack_service("up", "postgres")
     total = len(first) + len(second)
     back = time.monotonic()
     assert wait_for(lambda: asyncio.run(stored_messages(settings, prefix))[1] == total, timeout=300), (

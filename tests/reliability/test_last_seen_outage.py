@@ -4,20 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import json
-import subprocess
-import sys
 import time
 from datetime import datetime
-from pathlib import Path
 
 import asyncpg
 import pytest
 from aiokafka import AIOKafkaProducer
 
 from iotflow import topics
-from iotflow.testing import http_json, register, wait_for
-
-IOTFLOW = Path(sys.executable).with_name("iotflow")
+from iotflow.testing import http_json, register, stack_service, wait_for
 
 
 async def heartbeat(settings, devices: list[str]) -> dict[str, int]:
@@ -47,11 +42,6 @@ async def last_seen(settings, devices: list[str]) -> dict[str, datetime | None]:
     return {r["id"]: r["last_seen"] for r in rows}
 
 
-def stack(action: str) -> None:
-    done = subprocess.run([str(IOTFLOW), "stack", action, "postgres"], capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0, done.stderr
-
-
 @pytest.mark.timeout(300)
 def test_heartbeats_during_a_database_outage_reach_last_seen_after_it(settings, start_worker, run_id):
     devices = [f"seen-{run_id}-{i}" for i in range(10)]
@@ -62,7 +52,7 @@ def test_heartbeats_during_a_database_outage_reach_last_seen_after_it(settings, 
     asyncio.run(heartbeat(settings, devices))
     assert wait_for(lambda: all(asyncio.run(last_seen(settings, devices)).values()), timeout=30)
 
-    stack("down")
+    stack_service("down", "postgres")
     try:
         sent_ms = asyncio.run(heartbeat(settings, devices))  # Kafka takes them; PostgreSQL cannot
 
@@ -76,7 +66,7 @@ def test_heartbeats_during_a_database_outage_reach_last_seen_after_it(settings, 
         assert wait_for(lambda: "last_seen_flush_failed" in worker.log_text(), timeout=30)
         assert worker.proc.poll() is None
     finally:
-        stack("up")
+        stack_service("up", "postgres")
 
     def caught_up() -> bool:
         values = asyncio.run(last_seen(settings, devices))

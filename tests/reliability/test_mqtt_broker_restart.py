@@ -9,23 +9,13 @@ publish between the broker's restart and the bridges' reconnect is discarded by 
 from __future__ import annotations
 
 import asyncio
-import subprocess
-import sys
 import time
-from pathlib import Path
 
 import pytest
 
 from iotflow.simulator import FleetConfig
-from iotflow.testing import stored_messages, wait_for
+from iotflow.testing import stack_service, stored_messages, wait_for
 from tests.integration.test_mqtt_path import FleetThroughBridge
-
-IOTFLOW = Path(sys.executable).with_name("iotflow")
-
-
-def mosquitto(action: str) -> None:
-    done = subprocess.run([str(IOTFLOW), "stack", action, "mosquitto"], capture_output=True, text=True, timeout=60)
-    assert done.returncode == 0, done.stderr
 
 
 @pytest.mark.timeout(600)
@@ -36,12 +26,12 @@ def test_a_broker_restart_under_load_loses_nothing(settings, start_worker, run_i
                              IOTFLOW_BRIDGE_SUBSCRIPTION="exclusive")
     try:
         assert wait_for(lambda: run.stored() > 2000, timeout=90)
-        mosquitto("down")  # SIGTERM: the broker saves its sessions and queued messages
+        stack_service("down", "mosquitto")  # SIGTERM: the broker saves its sessions and queued messages
         outage_until = time.monotonic() + 5
         while time.monotonic() < outage_until:
             assert run.sender.is_alive()  # devices keep producing into their local buffers
             time.sleep(0.5)
-        mosquitto("up")
+        stack_service("up", "mosquitto")
         back = time.monotonic()
         run.sender.join(timeout=300)
         assert not run.sender.is_alive(), "the fleet did not finish after the broker came back"

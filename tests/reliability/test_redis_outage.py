@@ -2,22 +2,13 @@
 Redis is back the cache serves again."""
 from __future__ import annotations
 
-import subprocess
-import sys
 import time
-from pathlib import Path
 
 import pytest
 
-from iotflow.testing import ReadLoad, cache_results, http_json, wait_for
+from iotflow.testing import cache_results, http_json, ReadLoad, stack_service, wait_for
 
-IOTFLOW = Path(sys.executable).with_name("iotflow")
 DEVICES = 20
-
-
-def _stack(action: str) -> None:
-    done = subprocess.run([str(IOTFLOW), "stack", action, "redis"], capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0, done.stderr
 
 
 def register_devices(worker, prefix: str) -> list[str]:
@@ -38,7 +29,7 @@ def test_reads_survive_a_redis_outage_and_use_the_cache_again_after(settings, st
     with ReadLoad(worker, paths) as load:
         assert wait_for(lambda: cache_results(worker)["hit"] > 50, timeout=30), cache_results(worker)
         assert wait_for(lambda: http_json("GET", f"{worker.url}/health/ready")[0] == 200, timeout=30)
-        _stack("down")
+        stack_service("down", "redis")
         try:
             status, _, ready = http_json("GET", f"{worker.url}/health/ready")
             assert (status, ready["status"], ready["checks"]["redis"]["status"]) == (200, "degraded", "failing"), ready
@@ -47,7 +38,7 @@ def test_reads_survive_a_redis_outage_and_use_the_cache_again_after(settings, st
             after_outage = cache_results(worker)
             assert after_outage["error"] + after_outage["skipped"] > during["error"] + during["skipped"]
         finally:
-            _stack("up")
+            stack_service("up", "redis")
         up, back = time.monotonic(), cache_results(worker)["hit"]
         assert wait_for(lambda: http_json("GET", f"{worker.url}/health/ready")[2]["status"] == "ready", timeout=30)
         assert wait_for(lambda: cache_results(worker)["hit"] > back + 50, timeout=60), cache_results(worker)

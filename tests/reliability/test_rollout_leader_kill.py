@@ -3,9 +3,13 @@ finishes the rollout, and no device gets a second command (a command id re-publi
 leader is the same id, which the device applies once)."""
 from __future__ import annotations
 
+import asyncio
+import json
+
 import pytest
 
-from iotflow.testing import http_json, wait_for
+from iotflow import topics
+from iotflow.testing import http_json, topic_messages, wait_for
 from tests.integration.test_rollouts import rig  # noqa: F401 - the fixture
 
 
@@ -25,8 +29,10 @@ def test_the_leader_killed_mid_rollout_the_other_worker_finishes_it_without_a_se
     ticks_before = r.worker.log_text().count("orchestrator_tick")
     at_kill = r.counter.total()
     leader.kill()
-    done = r.wait_status(rollout["id"], {"completed", "aborted", "canceled"}, timeout=150)
-    assert done["status"] == "completed" and done["by_state"] == {"SUCCEEDED": 200}, done
+    ended = wait_for(lambda: r.rollout(rollout["id"])["status"] in {"completed", "aborted", "canceled"}, timeout=150)
+    done = r.rollout(rollout["id"])
+    assert ended and done["status"] == "completed" and done["by_state"] == {"SUCCEEDED": 200}, (
+        done, _unfinished(r, rollout["id"]))
     assert r.worker.log_text().count("orchestrator_tick") > ticks_before  # the survivor took over
     # Each device saw one command id (re-publishing the same id is allowed; the device applies it once).
     assert len(r.counter.by_device) == 200
@@ -37,3 +43,18 @@ def test_the_leader_killed_mid_rollout_the_other_worker_finishes_it_without_a_se
     chaos(fault=f"leader worker SIGKILL mid-rollout ({at_kill} of 200 commanded)", sent=200,
           stored=installs.count(1), lost=installs.count(0), duplicated=sum(n - 1 for n in installs if n > 1))
     assert set(installs) == {1}
+
+
+def _unfinished(r, rollout_id: str) -> dict[str, dict]:
+    """For a failure message: each device not SUCCEEDED — its execution row, the command ids the
+    broker delivered to it and the states it reported to Kafka — to tell a lost command, a lost
+    report and a report never applied apart."""
+    rows = {d: row for d, row in r.executions(rollout_id).items() if row["state"] != "SUCCEEDED"}
+    reported: dict[str, list[str]] = {}
+    for message in asyncio.run(topic_messages(r.settings, topics.FIRMWARE_STATUS)):
+        device = (message.key or b"").decode()
+        if device in rows:
+            reported.setdefault(device, []).append(json.loads(message.value).get("state", "?"))
+    return {d: {"state": row["state"], "command_id": str(row["command_id"]), "attempts": row["attempts"],
+                "commands_received": r.counter.by_device.get(d, []), "reported": reported.get(d, [])}
+            for d, row in rows.items()}

@@ -65,7 +65,7 @@ def crash_run(settings, start_worker, run_id: str, chaos, *, devices: int, per_d
     totals = wait_for(lambda: _stable(final), timeout=120)
     assert totals, "the accounts kept changing"
     assert (totals["received"], totals["accepted"], totals["duplicates"], totals["invalid"]) == (
-        len(originals) + len(retries), len(originals), len(retries), 0)
+        len(originals) + len(retries), len(originals), len(retries), 0), (totals, _off_devices(final, originals))
     return final, originals, totals
 
 
@@ -97,6 +97,20 @@ def _fleet(worker) -> dict:
     status, body = http_get_json(f"{worker.url}/api/v1/pipeline/accounting", headers=worker.bearer())
     assert status == 200, body
     return body
+
+
+def _off_devices(worker, originals) -> dict[str, dict]:
+    """For a failure message: the devices whose account is not what they were sent."""
+    sent: dict[str, int] = {}
+    for key, _ in originals:
+        sent[key.decode()] = sent.get(key.decode(), 0) + 1
+    off = {}
+    for device, count in sent.items():
+        status, body = http_get_json(f"{worker.url}/api/v1/pipeline/accounting/devices/{device}",
+                                     headers=worker.bearer())
+        if status != 200 or body.get("accepted") != count:
+            off[device] = {"status": status, **{k: body.get(k) for k in ("received", "accepted", "duplicates")}}
+    return off
 
 
 def _stable(worker) -> dict | None:
