@@ -16,7 +16,7 @@ from typing import Any
 import msgspec
 
 from iotflow.errors import InvalidRequest
-from iotflow.telemetry import DEVICE_ID, METRIC
+from iotflow.telemetry import DEVICE_ID, METRIC, NOT_JSON
 
 TYPE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}")
 TAG = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:=/-]{0,63}")
@@ -118,7 +118,7 @@ class FieldErrors:
 def json_object(body: bytes) -> dict[str, Any]:
     try:
         value = msgspec.json.decode(body)
-    except (msgspec.DecodeError, UnicodeDecodeError) as exc:  # msgspec raises the latter for bad UTF-8
+    except NOT_JSON as exc:
         raise InvalidRequest("Body is not JSON", [{"field": "body", "value": None, "reason": str(exc)}]) from None
     if not isinstance(value, dict):
         raise InvalidRequest("Body is not a JSON object",
@@ -351,7 +351,7 @@ def heartbeat_seen_ms(key: bytes, value: bytes, kafka_timestamp_ms: int) -> int:
     device's, which may be wrong); the payload must name the key's device."""
     try:
         body = msgspec.json.decode(value)
-    except (msgspec.DecodeError, UnicodeDecodeError) as exc:
+    except NOT_JSON as exc:
         raise InvalidRequest("Invalid heartbeat", [{"field": "body", "value": value[:80], "reason": str(exc)}]) from None
     device_id = body.get("device_id") if isinstance(body, dict) else None
     if not isinstance(device_id, str) or device_id.encode() != key:

@@ -24,6 +24,10 @@ DEVICE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}")
 MSG_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}")
 METRIC = re.compile(r"[A-Za-z_][A-Za-z0-9_.]{0,63}")
 MAX_SEQ = 2**63 - 1
+# What msgspec raises for bytes that are no acceptable JSON document, beyond ``DecodeError``:
+# ``UnicodeDecodeError`` for invalid UTF-8 inside a string, ``RecursionError`` for nesting deeper
+# than it decodes (a hostile ``[[[[…`` of a few thousand levels).
+NOT_JSON = (msgspec.DecodeError, UnicodeDecodeError, RecursionError)
 _MSGSPEC_PATH = re.compile(r" - at `\$\.?([^`]*)`$")
 _UNKNOWN_FIELD = re.compile(r"unknown field `([^`]*)`")
 
@@ -70,10 +74,10 @@ def parse(raw: bytes, limits: Limits, *, now: datetime | None = None) -> Telemet
         wire = _decoder.decode(raw)
     except msgspec.ValidationError as exc:
         raise _from_msgspec(str(exc)) from None
-    except msgspec.DecodeError:
-        raise InvalidPayload("payload", raw[:80], "not a JSON document") from None
-    except UnicodeDecodeError as exc:  # msgspec decodes strings itself and raises this for bad UTF-8
+    except UnicodeDecodeError as exc:
         raise InvalidPayload("payload", raw[max(0, exc.start - 20):exc.end + 20], f"not UTF-8 ({exc.reason})") from None
+    except NOT_JSON:
+        raise InvalidPayload("payload", raw[:80], "not a JSON document (or nested too deeply)") from None
     _check(DEVICE_ID, "device_id", wire.device_id, "letters, digits and _.:- only, 1-128 characters")
     _check(MSG_ID, "msg_id", wire.msg_id, "letters, digits and _.:- only, 1-128 characters")
     if not 0 <= wire.seq <= MAX_SEQ:

@@ -18,7 +18,7 @@ from faust.web import Request, Response, View
 from iotflow import topics
 from iotflow.errors import InvalidPayload
 from iotflow.settings import Settings
-from iotflow.telemetry import Limits, parse
+from iotflow.telemetry import NOT_JSON, Limits, parse
 from iotflow.web.auth import Guard
 from iotflow.web.problems import HEADER, problem, request_id
 
@@ -37,8 +37,8 @@ def register(app: faust.App, settings: Settings, guard: Guard) -> None:
             body = await self.read_request_content(request)
             try:
                 items = msgspec.json.decode(body, type=list[msgspec.Raw])
-            except (msgspec.DecodeError, msgspec.ValidationError) as exc:
-                return problem(self, request, 400, "Body is not a JSON array", str(exc))
+            except (*NOT_JSON, msgspec.ValidationError) as exc:
+                return problem(self, request, 400, "Body is not a JSON array", str(exc) or exc.__class__.__name__)
             if not items:
                 return problem(self, request, 422, "Nothing to ingest", "the array is empty")
             if len(items) > MAX_ITEMS:

@@ -43,7 +43,8 @@ def test_every_mistake_of_a_registration_is_reported_at_once():
     assert "one of provisioned, active" in errors["status"]
 
 
-@pytest.mark.parametrize("body", [b"", b"[1]", b"nope", b'"s"', b'{"name": "\xff"}', b'{"\xc3\x28": 1}'])
+@pytest.mark.parametrize("body", [b"", b"[1]", b"nope", b'"s"', b'{"name": "\xff"}', b'{"\xc3\x28": 1}',
+                                  b"[" * 5000 + b"]" * 5000, b'{"name": ' + b"[" * 5000 + b"]" * 5000 + b"}"])
 def test_a_body_that_is_not_an_object_is_refused(body):
     assert set(_errors(parse_registration, body)) == {"body"}
 
@@ -132,7 +133,7 @@ def test_a_name_with_control_characters_or_only_blanks_is_refused(name):
 
 
 @pytest.mark.parametrize("value", [b"{nope", b'{"device_id": "d-\xff"}', b'{"device_id": 7}', b'{"device_id": null}',
-                                   b"[]", b'{"device_id": "other"}'])
+                                   b"[]", b'{"device_id": "other"}', b"[" * 5000])
 def test_a_heartbeat_that_does_not_name_its_device_in_json_is_refused_not_raised(value):
     with pytest.raises(InvalidRequest):
         heartbeat_seen_ms(b"d-1", value, 1_700_000_000_000)

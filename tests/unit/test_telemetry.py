@@ -134,3 +134,10 @@ def test_invalid_utf8_in_a_string_is_an_invalid_payload_naming_the_bytes(bad):
     with pytest.raises(InvalidPayload) as caught:
         parse(raw, LIMITS, now=NOW)
     assert caught.value.field == "payload" and "not UTF-8" in caught.value.reason
+
+
+def test_nesting_deeper_than_the_decoder_goes_is_an_invalid_payload_not_a_recursion_error():
+    for raw in (b"[" * 5000 + b"]" * 5000, b'{"x": ' + b"[" * 5000 + b"]" * 5000 + b"}"):
+        with pytest.raises(InvalidPayload) as caught:
+            parse(raw, LIMITS, now=NOW)
+        assert caught.value.field
