@@ -42,6 +42,7 @@ log = structlog.get_logger(__name__)
 def create_app(settings: Settings) -> faust.App:
     """Build the app for ``settings``: nothing connects until the worker starts it."""
     logs.configure(settings.log_level)
+    logs.quiet_repeats("aiokafka")
     # Faust creates the datadir itself but not its parents.
     settings.worker_dir.parent.mkdir(parents=True, exist_ok=True)
     app = faust.App(

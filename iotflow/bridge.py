@@ -33,6 +33,7 @@ from paho.mqtt.properties import Properties
 from prometheus_client import Counter, Gauge, start_http_server
 
 from iotflow import topics
+from iotflow.logs import Throttle
 from iotflow.backoff import TokenBuckets, full_jitter
 from iotflow.settings import Settings
 
@@ -90,6 +91,7 @@ class Bridge:
         # broker. After 20 consecutive failures it is replaced by a new one (new producer id).
         self._producer_generation = 0
         self._consecutive_failures = 0
+        self._send_failures = Throttle(every_s=10.0)  # one warning per topic per 10 s in an outage, with a count
         self._producer_lock = asyncio.Lock()
 
     async def run(self, stop: asyncio.Event) -> None:
@@ -220,7 +222,10 @@ class Bridge:
             except (KafkaError, asyncio.TimeoutError) as exc:
                 # Not acknowledged: the broker still holds it. Keep trying; never drop.
                 pause = full_jitter(attempt, base_s=0.2, cap_s=10)
-                log.warning("kafka_send_failed", error=repr(exc), topic=kafka_topic, retry_in_s=round(pause, 2))
+                held = self._send_failures.allow(kafka_topic)
+                if held is not None:
+                    log.warning("kafka_send_failed", error=repr(exc), topic=kafka_topic, retry_in_s=round(pause, 2),
+                                failures_held_back=held)
                 await self._replace_producer_if_stuck(generation)
                 await asyncio.sleep(pause)
                 attempt += 1
@@ -257,6 +262,7 @@ def run_bridge(settings: Settings) -> None:
     from iotflow import logs
 
     logs.configure(settings.log_level)
+    logs.quiet_repeats("aiokafka")
     # /metrics of this bridge (forwarded, rate-limited, rejected, in flight), in a daemon thread.
     start_http_server(settings.bridge_metrics_port, addr=settings.web_host)
     log.info("bridge_metrics", url=f"http://{settings.web_host}:{settings.bridge_metrics_port}/metrics")

@@ -24,6 +24,7 @@ SCENARIOS: dict[str, str] = {
     "worker-kill-exactly-once": "tests/reliability/test_worker_crash.py::test_kill_9s_of_an_exactly_once_worker_lose_nothing_and_store_nothing_twice",
     "postgres-stop": "tests/reliability/test_bridge_and_database_faults.py::test_the_database_stopped_for_30_seconds_costs_nothing_and_memory_stays_bounded",
     "bridge-kill": "tests/reliability/test_bridge_and_database_faults.py::test_a_bridge_killed_mid_stream_loses_nothing",
+    "kafka-restart": "tests/reliability/test_kafka_broker_restart.py::test_a_kafka_broker_restart_under_load_loses_nothing",
     "mosquitto-restart": "tests/reliability/test_mqtt_broker_restart.py::test_a_broker_restart_under_load_loses_nothing",
     "hostile-input-storm": "tests/reliability/test_hostile_input.py::test_a_storm_of_hostile_payloads_ends_in_the_dlq_or_a_4xx_and_valid_traffic_is_untouched",
     "redis-stop": "tests/reliability/test_redis_outage.py::test_reads_survive_a_redis_outage_and_use_the_cache_again_after",
