@@ -100,5 +100,6 @@ ROLLOUTS_ENDED = Counter("iotflow_rollouts_ended_total", "Rollouts that ended, b
                          ["status"])
 FETCH_HELD = Gauge(
     "iotflow_consumer_partitions_not_fetched",
-    "Assigned partitions the fetcher does not read now (paused, or their stream's buffer under pressure); "
-    "outside table recovery this should return to 0 within seconds.")
+    "Assigned partitions of the source topics the fetcher does not read now (paused, or their stream's buffer "
+    "under pressure); outside table recovery this should return to 0 within seconds (else a "
+    "partitions_not_fetched warning names them and why).")

@@ -14,6 +14,7 @@ from collections.abc import Awaitable, Callable
 import faust
 import structlog
 from aiohttp import web
+from faust.types import TP
 
 from iotflow import metrics, topics
 from iotflow.ingest import IngestPipeline
@@ -23,18 +24,23 @@ from iotflow.web.problems import request_id
 
 SAMPLE_EVERY_S = 5.0
 
+log = structlog.get_logger(__name__)
+
 
 def register(app: faust.App, settings: Settings, pipeline: IngestPipeline, pools: dict[str, LazyPool]) -> None:
     sensor_data = topics.name(settings, topics.SENSOR_DATA)
-    sources = {sensor_data, topics.name(settings, topics.DEVICE_EVENTS)}
+    sources = {sensor_data, topics.name(settings, topics.DEVICE_EVENTS), topics.name(settings, topics.FIRMWARE_STATUS)}
+    held = HeldPartitions()
 
     metrics.TABLE_RECOVERY_ACTIVE.set_function(lambda: bool(app.in_recovery))
     metrics.TABLE_RECOVERY_REMAINING.set_function(lambda: _recovery_remaining(app))
-    metrics.FETCH_HELD.set_function(lambda: _fetch_held(app))
+    metrics.FETCH_HELD.set_function(lambda: len(_fetch_held(app, sources)))
 
     @app.timer(SAMPLE_EVERY_S, name="iotflow.metrics.sample")
     async def sample() -> None:
         sample_lag(app, sources, sensor_data, pipeline.durable_until, time.time())
+        if not app.in_recovery:
+            held.report(_fetch_held(app, sources), time.monotonic())
         for name, pool in pools.items():
             in_use, idle, most = pool.usage()
             metrics.POOL_CONNECTIONS.labels(name, "in_use").set(in_use)
@@ -44,14 +50,34 @@ def register(app: faust.App, settings: Settings, pipeline: IngestPipeline, pools
     app.web.web_app.middlewares.append(http_metrics)
 
 
-def _fetch_held(app: faust.App) -> int:
-    """Assigned partitions the fetcher does not read (paused by Faust, or taken out while their
-    stream's buffer is under pressure) — while not restoring tables, more than a moment of this
-    means a stuck worker."""
+def _fetch_held(app: faust.App, sources: set[str]) -> dict[TP, str]:
+    """Assigned partitions of the source topics that the fetcher does not read, with why: paused
+    by Faust, taken out while their stream's buffer is under pressure, or neither — while not
+    restoring tables, more than a moment of this means a stuck worker."""
     consumer = getattr(app, "_consumer", None)
     if consumer is None or getattr(consumer, "_active_partitions", None) is None:
-        return 0
-    return len(set(consumer.assignment()) - set(consumer._active_partitions))
+        return {}
+    active = set(consumer._active_partitions)
+    paused, buffered = set(consumer._paused_partitions), set(consumer._buffered_partitions)
+    return {tp: "paused" if tp in paused else "buffer_full" if tp in buffered else "inactive"
+            for tp in consumer.assignment() if tp.topic in sources and tp not in active}
+
+
+class HeldPartitions:
+    """Warns of source partitions left unread longer than ``after_s``, at most once per ``every_s``."""
+
+    def __init__(self, after_s: float = 30.0, every_s: float = 60.0) -> None:
+        self.after_s, self.every_s = after_s, every_s
+        self._since: dict[TP, float] = {}
+        self._warned_at = float("-inf")
+
+    def report(self, held: dict[TP, str], now: float) -> None:
+        self._since = {tp: self._since.get(tp, now) for tp in held}
+        stuck = {f"{tp.topic}:{tp.partition}": why for tp, why in held.items() if now - self._since[tp] >= self.after_s}
+        if stuck and now - self._warned_at >= self.every_s:
+            self._warned_at = now
+            log.warning("partitions_not_fetched", partitions=stuck, held_for_s=round(max(
+                now - self._since[tp] for tp in held), 1))
 
 
 def sample_lag(app: faust.App, sources: set[str], sensor_data: str, durable_until: dict[int, float],
