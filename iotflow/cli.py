@@ -329,8 +329,9 @@ def cache_flush() -> None:
 def chaos(scenarios: tuple[str, ...], no_doc: bool) -> None:
     """Run fault-injection scenarios (all by default) against the local stack; print and record the table.
 
-    Scenarios: worker-kill, worker-kill-exactly-once, postgres-stop, bridge-kill, mosquitto-restart,
-    redis-stop, redis-sentinel-failover, worker-sigterm. Run from a checkout, with `iotflow stack up`.
+    Scenarios: worker-kill, worker-kill-exactly-once, postgres-stop, bridge-kill, kafka-restart,
+    mosquitto-restart, hostile-input-storm, duplicate-storm, redis-stop, redis-sentinel-failover,
+    worker-sigterm, rollout-leader-kill. Run from a checkout, with `iotflow stack up`.
     """
     from pathlib import Path
 

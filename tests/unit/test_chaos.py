@@ -34,3 +34,13 @@ def test_outcomes_come_from_pytest_junit_xml(tmp_path):
                      '</testsuite></testsuites>')
     assert _outcomes(junit) == {"test_a": True, "test_b": False}
     assert _outcomes(tmp_path / "missing.xml") == {}
+
+
+def test_the_command_help_names_every_scenario():
+    from click.testing import CliRunner
+
+    from iotflow.chaos import SCENARIOS
+    from iotflow.cli import main
+
+    shown = CliRunner().invoke(main, ["chaos", "--help"]).output
+    assert [name for name in SCENARIOS if name not in shown] == []
