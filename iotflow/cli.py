@@ -329,9 +329,12 @@ def cache_flush() -> None:
 def chaos(scenarios: tuple[str, ...], no_doc: bool) -> None:
     """Run fault-injection scenarios (all by default) against the local stack; print and record the table.
 
+    \b
     Scenarios: worker-kill, worker-kill-exactly-once, postgres-stop, bridge-kill, kafka-restart,
     mosquitto-restart, hostile-input-storm, duplicate-storm, redis-stop, redis-sentinel-failover,
-    worker-sigterm, rollout-leader-kill. Run from a checkout, with `iotflow stack up`.
+    worker-sigterm, rollout-leader-kill.
+
+    Run from a checkout, with `iotflow stack up`.
     """
     from pathlib import Path
 
