@@ -68,6 +68,7 @@ class Rig:
         self.thread: threading.Thread | None = None
         self.stop = threading.Event()
         self.summary: dict = {}
+        self.created: list[str] = []  # rollout ids, ended at close (see close)
         try:
             self._start(start_worker, tmp_path, devices, heartbeat_s, workers, behaviour)
         except BaseException:
@@ -110,6 +111,7 @@ class Rig:
         status, _, rollout = http_json("POST", f"{self.worker.url}/api/v1/firmware/rollouts", body,
                                        headers={**self.admin, "Idempotency-Key": key or uuid.uuid4().hex})
         assert status in (200, 201), rollout
+        self.created.append(rollout["id"])
         return rollout
 
     def rollout(self, rollout_id: str) -> dict:
@@ -154,6 +156,20 @@ class Rig:
         if self.bridge is not None:
             self.bridge.terminate()
             self.bridge.wait(timeout=30)
+        if self.created:
+            asyncio.run(self._end_created())
+
+    async def _end_created(self) -> None:
+        """Cancel this test's rollouts that have not ended. The database is shared: a rollout left
+        running would be ticked by every later test's orchestrator (its devices gone, it would
+        time out and retry for ever), slowing their ticks and commanding devices of no test."""
+        conn = await asyncpg.connect(self.settings.pg_dsn, timeout=10)
+        try:
+            await conn.execute("UPDATE rollouts SET status = 'canceled', finished_at = now(), updated_at = now() "
+                               "WHERE id = ANY($1::uuid[]) AND status IN ('scheduled', 'running', 'paused')",
+                               [uuid.UUID(i) for i in self.created])
+        finally:
+            await conn.close()
 
 
 @pytest.fixture

@@ -32,8 +32,8 @@ def test_the_leader_killed_mid_rollout_the_other_worker_finishes_it_without_a_se
     leader.kill()
     ended = wait_for(lambda: r.rollout(rollout["id"])["status"] in {"completed", "aborted", "canceled"}, timeout=150)
     done = r.rollout(rollout["id"])
-    assert ended and done["status"] == "completed" and done["by_state"] == {"SUCCEEDED": 200}, (
-        done, _unfinished(r, rollout["id"]))
+    assert ended and done["status"] == "completed" and done["by_state"] == {"SUCCEEDED": 200}, json.dumps(
+        {"rollout": {k: done.get(k) for k in ("status", "by_state")}, "unfinished": _unfinished(r, rollout["id"])})
     assert r.worker.log_text().count("orchestrator_tick") > ticks_before  # the survivor took over
     # Each device saw one command id (re-publishing the same id is allowed; the device applies it once).
     assert len(r.counter.by_device) == 200
@@ -55,7 +55,8 @@ def _unfinished(r, rollout_id: str) -> dict[str, dict]:
     for message in asyncio.run(topic_messages(r.settings, topics.FIRMWARE_STATUS)):
         device = (message.key or b"").decode()
         if device in rows:
-            reported.setdefault(device, []).append(json.loads(message.value).get("state", "?"))
+            state = json.loads(message.value).get("state", "?")
+            reported.setdefault(device, []).append(f"{state}@{message.partition}:{message.offset}")
     return {d: {"state": row["state"], "command_id": str(row["command_id"]), "attempts": row["attempts"],
                 "commands_received": r.counter.by_device.get(d, []), "reported": reported.get(d, [])}
             for d, row in rows.items()}
