@@ -13,9 +13,6 @@ from iotflow.testing import http_json, topic_messages, wait_for
 from tests.integration.test_rollouts import rig  # noqa: F401 - the fixture
 
 
-@pytest.mark.xfail(reason="known bug, on the rollouts issue: one cause fixed (the survivor's fetcher passed skipped "
-                          "records as offset gaps; it reads them again now) and 5 of 5 runs alone passed after it, "
-                          "but the first fresh-clone suite run after the fix still failed it", strict=False)
 @pytest.mark.timeout(360)
 def test_the_leader_killed_mid_rollout_the_other_worker_finishes_it_without_a_second_command(rig, chaos):  # noqa: F811
     r = rig(200, workers=2)
