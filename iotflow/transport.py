@@ -101,9 +101,10 @@ class Consumer(faust_aiokafka.Consumer):
     async def on_partitions_assigned(self, assigned: set[TP], generation_id: int = 0) -> None:
         # Faust forgets the read offsets and gaps of revoked partitions, but a delivery still in
         # flight through the rebalance can write a read offset back after that, for a partition
-        # this worker may not get again (or only generations later), where it would make the
-        # first record read after a later assignment look like a jump. Whatever is there for a
-        # newly assigned partition is stale.
+        # this worker may not get again (or only generations later). Such a stale read offset made
+        # the first record read after a later takeover look like a jump, recorded as a "gap" that
+        # commits then passed: records between were never delivered (the rollout leader-kill test
+        # lost firmware reports so). Whatever is there for a newly assigned partition is stale.
         for tp in assigned:
             self._read_offset.pop(tp, None)
             self._gap.pop(tp, None)
