@@ -12,15 +12,8 @@ in the background) must not move the read offset that the rebalance's seek has s
 generation tells; and one that the rebalance cancelled (clearing a stream's buffer cancels the puts
 waiting on it) ends there, as Faust's separate delivery task would, not the fetcher. Everything
 else the fetcher does is kept: reading offsets, dropping records below the read offset, recording
-offset gaps for acking topics under ``exactly_once`` (so commits can pass transaction markers),
+offset gaps for acking topics (so commits can pass transaction markers and compacted holes),
 committing every ``broker_commit_every`` acks, and yielding to the loop every hundred records.
-
-Without transactions an offset jump is not a gap: Faust's ``getmany`` can end a batch early (flow
-stopped, generation changed, partition not read at that moment) after aiokafka's position passed
-the rest, and Faust's fetcher then records the hole as a gap that commits pass — records nobody
-processed (after a worker's ``SIGKILL``, the survivor lost a share of the firmware reports so:
-tests/reliability/test_rollout_leader_kill.py). This fetcher seeks back to the first missing offset
-instead, once per offset (a log truncated under it is accepted as a gap the second time).
 
 It also refuses a commit past an offset that was never acknowledged. Faust's ``_new_offset``
 checks the head of the acknowledged offsets against the committed one with an off-by-one
@@ -98,18 +91,6 @@ class Consumer(faust_aiokafka.Consumer):
             log.warning("subscription_topics_not_visible", topics=names, error=repr(exc))
         await super().subscribe(names)
 
-    async def on_partitions_assigned(self, assigned: set[TP], generation_id: int = 0) -> None:
-        # Faust forgets the read offsets and gaps of revoked partitions, but a delivery still in
-        # flight through the rebalance can write a read offset back after that, for a partition
-        # this worker may not get again (or only generations later). Such a stale read offset made
-        # the first record read after a later takeover look like a jump, recorded as a "gap" that
-        # commits then passed: records between were never delivered (the rollout leader-kill test
-        # lost firmware reports so). Whatever is there for a newly assigned partition is stale.
-        for tp in assigned:
-            self._read_offset.pop(tp, None)
-            self._gap.pop(tp, None)
-        await super().on_partitions_assigned(assigned, generation_id)
-
     async def perform_seek(self) -> None:
         self._first_delivered = {}  # a new assignment: reading starts again from the committed offsets
         await super().perform_seek()
@@ -125,8 +106,6 @@ class Consumer(faust_aiokafka.Consumer):
         since_yield = 0
         current = asyncio.current_task()
         assert current is not None
-        transactional = self.in_transaction  # exactly_once: transaction markers take offsets
-        rewinds: dict[TP, int] = {}  # the offset each partition was last rewound to (once per offset)
 
         def stopping() -> bool:
             return self._stopped.is_set() or cast(Any, fetcher)._stopped.is_set()
@@ -135,7 +114,6 @@ class Consumer(faust_aiokafka.Consumer):
             while not stopping():
                 self.diag.set_flag(CONSUMER_FETCHING)
                 records = self.getmany(timeout=1.0)
-                rewound: set[TP] = set()
                 await asyncio.sleep(0)
                 if self.should_stop:
                     continue
@@ -148,21 +126,7 @@ class Consumer(faust_aiokafka.Consumer):
                     read = read_offsets[tp]
                     if read is not None and offset < read:
                         continue  # already delivered before a seek
-                    if tp in rewound:
-                        continue  # read again from where it was rewound to
                     if read and offset - read > 1 and acking(message.topic):
-                        if not transactional and rewinds.get(tp) != read + 1:
-                            # Without transactions no offset of a source topic is a marker: the
-                            # records between were fetched but never delivered (seen after a
-                            # takeover: Faust's getmany ends a batch early — flow stopped, generation
-                            # changed, partition not active — once aiokafka's position has passed
-                            # it). A gap would let commits pass them unprocessed: read them again.
-                            log.warning("fetch_rewound", topic=tp.topic, partition=tp.partition,
-                                        from_offset=read + 1, to_offset=offset)
-                            rewinds[tp] = read + 1
-                            rewound.add(tp)
-                            await self.seek(tp, read + 1)
-                            continue
                         await self._add_gap(tp, read + 1, offset)
                     if tp not in self._first_delivered:
                         self._first_delivered[tp] = offset
