@@ -12,8 +12,17 @@ in the background) must not move the read offset that the rebalance's seek has s
 generation tells; and one that the rebalance cancelled (clearing a stream's buffer cancels the puts
 waiting on it) ends there, as Faust's separate delivery task would, not the fetcher. Everything
 else the fetcher does is kept: reading offsets, dropping records below the read offset, recording
-offset gaps for acking topics (so commits can pass transaction markers and compacted holes),
+offset gaps for acking topics under ``exactly_once`` (so commits can pass transaction markers),
 committing every ``broker_commit_every`` acks, and yielding to the loop every hundred records.
+
+Without transactions an offset jump is not a gap: Faust's ``getmany`` can end a batch early (flow
+stopped, generation changed, partition not read at that moment) after aiokafka's position passed
+the rest, and Faust's fetcher then records the hole as a gap that commits pass — records nobody
+processed (after a worker's ``SIGKILL``, the survivor lost a share of the firmware reports so:
+tests/reliability/test_rollout_leader_kill.py). This fetcher seeks back to the first missing offset
+instead, up to three times per offset (iotflow's source topics are not compacted, so only a log
+truncated under the reader by retention is a real hole: it is accepted as a gap, with a warning,
+after the third rewind to the same offset).
 
 It also refuses a commit past an offset that was never acknowledged. Faust's ``_new_offset``
 checks the head of the acknowledged offsets against the committed one with an off-by-one
@@ -52,6 +61,7 @@ from iotflow.kafka_admin import wait_visible
 log = structlog.get_logger(__name__)
 
 _YIELD_EVERY = 100  # records between chances for other tasks (health checks, timers)
+REWINDS_PER_OFFSET = 3  # seeks back to one missing offset before it is taken for a truncated log
 
 
 def head_blocked(acked_head: int, expected: int | None, gaps: IntervalTree) -> bool:
@@ -66,6 +76,15 @@ def head_blocked(acked_head: int, expected: int | None, gaps: IntervalTree) -> b
             return True
         position = max(position, interval.end)
     return position < acked_head
+
+
+def rewind_count(previous: tuple[int, int] | None, missing_from: int) -> int:
+    """How many times in a row reading a partition will have gone back to ``missing_from``,
+    counting this time; ``previous`` is the partition's last rewind (offset, count). Past
+    ``REWINDS_PER_OFFSET`` the offsets are taken for a hole in the log."""
+    if previous is not None and previous[0] == missing_from:
+        return previous[1] + 1
+    return 1
 
 
 class Consumer(faust_aiokafka.Consumer):
@@ -94,6 +113,14 @@ class Consumer(faust_aiokafka.Consumer):
     async def perform_seek(self) -> None:
         self._first_delivered = {}  # a new assignment: reading starts again from the committed offsets
         await super().perform_seek()
+        # Faust sets the read offset to the committed one, the offset to read *next*, where after a
+        # delivery it holds the offset delivered: a first record one past it would not look like a
+        # jump. Hold the offset before it, so the fetcher sees any record missing after the seek.
+        read_offsets = self._read_offset
+        for tp in self.assignment():
+            read = read_offsets.get(tp)
+            if read:
+                read_offsets[tp] = read - 1
 
     async def _drain_messages(self, fetcher: Any) -> None:  # the fetcher task's loop
         deliver = self.callback
@@ -106,6 +133,8 @@ class Consumer(faust_aiokafka.Consumer):
         since_yield = 0
         current = asyncio.current_task()
         assert current is not None
+        transactional = self.in_transaction  # exactly_once: transaction markers take offsets
+        rewinds: dict[TP, tuple[int, int]] = {}  # per partition: last offset rewound to, how often
 
         def stopping() -> bool:
             return self._stopped.is_set() or cast(Any, fetcher)._stopped.is_set()
@@ -114,6 +143,7 @@ class Consumer(faust_aiokafka.Consumer):
             while not stopping():
                 self.diag.set_flag(CONSUMER_FETCHING)
                 records = self.getmany(timeout=1.0)
+                rewound: set[TP] = set()
                 await asyncio.sleep(0)
                 if self.should_stop:
                     continue
@@ -126,7 +156,26 @@ class Consumer(faust_aiokafka.Consumer):
                     read = read_offsets[tp]
                     if read is not None and offset < read:
                         continue  # already delivered before a seek
-                    if read and offset - read > 1 and acking(message.topic):
+                    if tp in rewound:
+                        continue  # read again from where it was rewound to
+                    if read is not None and offset - read > 1 and acking(message.topic):
+                        times = rewind_count(rewinds.get(tp), read + 1)
+                        if not transactional and times <= REWINDS_PER_OFFSET:
+                            # Without transactions no offset of a source topic is a marker: the
+                            # records between were fetched but never delivered (seen after a
+                            # takeover: Faust's getmany ends a batch early — flow stopped, generation
+                            # changed, partition not active — once aiokafka's position has passed
+                            # it). A gap would let commits pass them unprocessed: read them again.
+                            log.warning("fetch_rewound", topic=tp.topic, partition=tp.partition,
+                                        from_offset=read + 1, to_offset=offset, times=times)
+                            rewinds[tp] = (read + 1, times)
+                            rewound.add(tp)
+                            await self.seek(tp, read + 1)
+                            read_offsets[tp] = read  # the last delivered: a record missing again shows
+                            continue
+                        if not transactional:
+                            log.warning("fetch_gap_accepted", topic=tp.topic, partition=tp.partition,
+                                        from_offset=read + 1, to_offset=offset)
                         await self._add_gap(tp, read + 1, offset)
                     if tp not in self._first_delivered:
                         self._first_delivered[tp] = offset
@@ -134,8 +183,11 @@ class Consumer(faust_aiokafka.Consumer):
                         self._n_acked = 0
                         await self.commit()
                     if suspended.is_set() or (callback_lock is not None and callback_lock.locked()):
-                        await self.wait_first(deliver(message), suspended.wait())
-                        read_offsets[tp] = offset
+                        delivery = deliver(message)
+                        waited = await self.wait_first(delivery, suspended.wait())
+                        if delivery in waited.done:
+                            read_offsets[tp] = offset
+                        # else abandoned to the rebalance: not read (its seek, or a rewind, reads it)
                         continue
                     generation = self.app.consumer_generation_id
                     try:

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 from intervaltree import IntervalTree
 
-from iotflow.transport import head_blocked
+from iotflow.transport import REWINDS_PER_OFFSET, head_blocked, rewind_count
 
 
 def test_a_single_unacknowledged_offset_right_after_the_committed_one_blocks_the_commit():
@@ -24,3 +24,10 @@ def test_recorded_gaps_may_cover_the_offsets_between():
 
 def test_with_nothing_to_compare_with_nothing_blocks():
     assert not head_blocked(acked_head=7, expected=None, gaps=IntervalTree())
+
+
+def test_a_jump_is_read_again_a_bounded_number_of_times_per_offset():
+    assert rewind_count(None, 10) == 1
+    assert rewind_count((10, 1), 10) == 2
+    assert rewind_count((10, REWINDS_PER_OFFSET), 10) == REWINDS_PER_OFFSET + 1  # then a gap
+    assert rewind_count((10, REWINDS_PER_OFFSET), 57) == 1  # another offset starts again
