@@ -43,6 +43,7 @@ def create_app(settings: Settings) -> faust.App:
     """Build the app for ``settings``: nothing connects until the worker starts it."""
     logs.configure(settings.log_level)
     logs.quiet_repeats("aiokafka")
+    logs.quiet_repeats("asyncpg")  # its pool logs a traceback per failed reconnect while a database is away
     # Faust creates the datadir itself but not its parents.
     settings.worker_dir.parent.mkdir(parents=True, exist_ok=True)
     app = faust.App(

@@ -28,6 +28,7 @@ SCENARIOS: dict[str, str] = {
     "mosquitto-restart": "tests/reliability/test_mqtt_broker_restart.py::test_a_broker_restart_under_load_loses_nothing",
     "hostile-input-storm": "tests/reliability/test_hostile_input.py::test_a_storm_of_hostile_payloads_ends_in_the_dlq_or_a_4xx_and_valid_traffic_is_untouched",
     "duplicate-storm": "tests/reliability/test_duplicate_storm.py::test_thirty_percent_duplicates_store_no_row_twice",
+    "postgres-failover": "tests/reliability/test_postgres_failover.py::test_the_primary_killed_and_its_replica_promoted_loses_no_committed_message",
     "redis-stop": "tests/reliability/test_redis_outage.py::test_reads_survive_a_redis_outage_and_use_the_cache_again_after",
     "redis-sentinel-failover": "tests/reliability/test_redis_sentinel.py::test_the_worker_follows_a_promoted_replica_without_a_failed_request",
     "worker-sigterm": "tests/reliability/test_graceful_shutdown.py::test_sigterm_under_load_fails_no_request_and_loses_no_message",
@@ -89,6 +90,7 @@ def write_doc(root: Path, command: str, rows: list[dict[str, object]]) -> Path:
         "runs too). *sent*/*stored*/*lost*/*duplicated* count distinct messages in the database; "
         "*requests*/*failed_requests* are API calls made during the fault; *recovery_s* is the time "
         "from the end of the fault to everything stored (worker-sigterm: from SIGTERM to the clean "
-        "exit; redis-sentinel-failover: from the kill to the promotion).\n\n"
+        "exit; redis-sentinel-failover: from the kill to the promotion; postgres-failover: from the "
+        "promotion to everything stored).\n\n"
         + table(rows) + "\n")
     return path

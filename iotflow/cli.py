@@ -331,8 +331,8 @@ def chaos(scenarios: tuple[str, ...], no_doc: bool) -> None:
 
     \b
     Scenarios: worker-kill, worker-kill-exactly-once, postgres-stop, bridge-kill, kafka-restart,
-    mosquitto-restart, hostile-input-storm, duplicate-storm, redis-stop, redis-sentinel-failover,
-    worker-sigterm, rollout-leader-kill.
+    mosquitto-restart, hostile-input-storm, duplicate-storm, postgres-failover, redis-stop,
+    redis-sentinel-failover, worker-sigterm, rollout-leader-kill.
 
     Run from a checkout, with `iotflow stack up`.
     """

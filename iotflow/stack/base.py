@@ -57,6 +57,21 @@ def loopback_port(setting: str, url_or_hostport: str) -> int:
     return parts.port
 
 
+@dataclass
+class LocalNode:
+    """One process of a throwaway group (a replica, a sentinel): its name, port and folder."""
+    name: str
+    port: int
+    home: Path
+
+
+def free_loopback_port() -> int:
+    """A port free on 127.0.0.1 now (for the throwaway groups of the failover tests)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def port_taken(port: int) -> bool:
     """True when something already listens on 127.0.0.1:``port``."""
     with socket.socket() as sock:

@@ -9,11 +9,9 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
-from dataclasses import dataclass
 from pathlib import Path
 
-from iotflow.stack.base import pid_alive, read_pid, require_binary, run, stop_pid, wait_until
+from iotflow.stack.base import LocalNode, free_loopback_port, pid_alive, read_pid, require_binary, run, stop_pid, wait_until
 
 MASTER_NAME = "iotflow"
 QUORUM = 2
@@ -21,18 +19,7 @@ DOWN_AFTER_MS = 1000
 FAILOVER_TIMEOUT_MS = 5000
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-@dataclass
-class _Node:
-    name: str
-    port: int
-    home: Path
-
+class _Node(LocalNode):
     @property
     def pid_file(self) -> Path:
         return self.home / f"{self.name}.pid"
@@ -41,9 +28,9 @@ class _Node:
 class SentinelGroup:
     def __init__(self, root: Path) -> None:
         self.root = root
-        self.master = _Node("redis-a", _free_port(), root / "redis-a")
-        self.replica = _Node("redis-b", _free_port(), root / "redis-b")
-        self.sentinels = [_Node(f"sentinel-{i}", _free_port(), root / f"sentinel-{i}") for i in range(3)]
+        self.master = _Node("redis-a", free_loopback_port(), root / "redis-a")
+        self.replica = _Node("redis-b", free_loopback_port(), root / "redis-b")
+        self.sentinels = [_Node(f"sentinel-{i}", free_loopback_port(), root / f"sentinel-{i}") for i in range(3)]
 
     @property
     def url(self) -> str:
