@@ -6,6 +6,7 @@ import asyncio
 import hashlib
 import uuid
 from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime, timedelta
 
 import asyncpg
 import pytest
@@ -15,6 +16,7 @@ from iotflow.settings import Settings
 from iotflow.testing import http_json
 
 pytestmark = pytest.mark.timeout(240)
+TOMORROW = (datetime.now(UTC) + timedelta(days=1)).isoformat()
 
 
 @pytest.fixture(scope="module")
@@ -88,7 +90,9 @@ def test_ten_concurrent_creates_with_one_key_make_one_rollout_with_every_device_
     version = f"3.0.{run}"
     assert call(worker, "POST", "", release(version))[0] == 201
     ids = register_fleet(worker, f"ro-{run}", 200, tag=f"t{run}")
-    body = {"firmware": version, "targets": {"filter": {"tags": [f"t{run}"]}}, "waves": {"percent": [1, 10, 50, 100]}}
+    # Starting tomorrow: the worker's orchestrator (1 s ticks) leaves it as created while we look.
+    body = {"firmware": version, "targets": {"filter": {"tags": [f"t{run}"]}}, "waves": {"percent": [1, 10, 50, 100]},
+            "start_at": TOMORROW}
     key = f"key-{run}"
     with ThreadPoolExecutor(10) as pool:
         answers = list(pool.map(lambda _: create(worker, body, key), range(10)))
@@ -132,7 +136,8 @@ def test_a_rollout_names_what_is_wrong_and_creates_nothing(worker):
     assert call(worker, "GET", f"/rollouts/{uuid.uuid4()}", role="viewer")[0] == 404
     assert call(worker, "GET", "/rollouts/not-a-uuid", role="viewer")[0] == 404
     # Nothing was created by the refused requests (a retry with a fixed body may reuse those keys).
-    status, _, created = create(worker, {"firmware": version, "targets": {"devices": known}}, f"k1-{run}")
+    status, _, created = create(worker, {"firmware": version, "targets": {"devices": known}, "start_at": TOMORROW},
+                                f"k1-{run}")
     assert status == 201 and created["devices"] == 2
     listed = call(worker, "GET", "/rollouts?status=scheduled", role="viewer")[2]["items"]
     assert created["id"] in {r["id"] for r in listed}
