@@ -12,7 +12,8 @@ believes it leads after the group moved on cannot tick at the same time as the n
    its QUEUED devices CANCELED — no device of a later wave gets a command;
 5. the open wave complete (every device ended, health decided, the success share met) → the next
    wave opens, or after the last the rollout is ``completed``; ended below the share → ``aborted``;
-6. dispatch, unless the kill switch is on, the rollout's own flag is off or it is paused: up to
+6. dispatch, unless the kill switch is on, the rollout's own flag is off, it is paused or outside
+   its maintenance windows (iotflow/maintenance.py; none: any time): up to
    ``dispatch_per_s`` × the tick of its QUEUED devices in open waves get a command id written
    *before* the command is published (QoS 1); those the broker acknowledged become NOTIFIED. A
    leader that dies in between leaves command ids behind that the next leader publishes again,
@@ -33,6 +34,7 @@ from iotflow import flags as feature_flags
 from iotflow import metrics
 from iotflow.backoff import full_jitter
 from iotflow.commands import Command, CommandPublisher
+from iotflow.maintenance import window_open, windows_from_spec
 from iotflow.rollouts import AbortCriteria, DeviceState
 
 log = structlog.get_logger(__name__)
@@ -175,6 +177,8 @@ class Orchestrator:
         own = flags.get(feature_flags.rollout_flag(str(rid)))
         if report.held is not None or (own is not None and not own.enabled):
             return []
+        if not window_open(windows_from_spec(spec), datetime.now(UTC)):
+            return []  # outside its maintenance windows: commanded devices go on, nothing new goes out
         return await self._commands(conn, rollout, wave, flags.get(feature_flags.DELTA_UPDATES))
 
     async def _retry(self, conn: asyncpg.Connection, rid: uuid.UUID, retries: int) -> int:

@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import json
 import uuid
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 import asyncpg
 
 from iotflow import metrics
 from iotflow.errors import IdempotencyMismatch, InvalidRequest, RolloutConflict, RolloutNotFound
+from iotflow.maintenance import next_opening, window_open, windows_from_spec
 from iotflow.registry import DeviceRegistry, set_firmware_version
 from iotflow.rollouts import DeviceState, RolloutRequest, StatusReport, apply_report, plan_waves
 
@@ -242,6 +243,11 @@ async def _read(conn: asyncpg.Connection, rollout_id: uuid.UUID) -> dict[str, An
     remaining = sum(n for state, n in by_state.items() if not DeviceState(state).terminal)
     per_min = pace["recent"] / 5.0
     eta_s = round(60.0 * remaining / per_min) if per_min and record["status"] == "running" else None
-    return {**_rollout_json(record), "devices": sum(by_state.values()), "by_state": by_state,
+    value = _rollout_json(record)
+    windows, now = windows_from_spec(value["spec"]), datetime.now(UTC)
+    opened = window_open(windows, now)
+    upcoming = None if opened else next_opening(windows, now)
+    return {**value, "devices": sum(by_state.values()), "by_state": by_state,
             "unhealthy": pace["unhealthy"], "rate_per_min": per_min, "eta_s": eta_s,
+            "window_open": opened, "next_window_at": upcoming.isoformat() if upcoming else None,
             "waves": [{"wave": w, "size": sum(states.values()), "by_state": states} for w, states in sorted(waves.items())]}

@@ -30,6 +30,7 @@ from typing import Any
 
 from iotflow.devices import FIRMWARE_VERSION, MAX_TAGS, TAG, TYPE, FieldErrors, check_text, json_object
 from iotflow.errors import InvalidRequest
+from iotflow.maintenance import MaintenanceWindow, parse_windows
 from iotflow.telemetry import DEVICE_ID
 
 
@@ -189,10 +190,11 @@ class RolloutRequest:
     dispatch_per_s: float
     health_window_s: int = 0
     start_at: str | None = None  # ISO 8601 with a time zone; None: at once
+    maintenance_windows: tuple[MaintenanceWindow, ...] = ()  # none: dispatch at any time
 
     @property
     def canonical(self) -> dict[str, Any]:
-        return {
+        found = {
             "firmware": self.firmware,
             "targets": {"devices": sorted(self.device_ids)} if self.device_ids is not None else {"filter": self.filter},
             "waves": {"percent" if self.percent else "sizes": list(self.waves)},
@@ -202,6 +204,9 @@ class RolloutRequest:
             "device_timeout_s": self.device_timeout_s, "retries": self.retries, "dispatch_per_s": self.dispatch_per_s,
             "health_window_s": self.health_window_s, "start_at": self.start_at,
         }
+        if self.maintenance_windows:  # only then: the hash of a request without windows stays as it was
+            found["maintenance_windows"] = [w.canonical for w in self.maintenance_windows]
+        return found
 
     @property
     def sha256(self) -> str:
@@ -229,7 +234,7 @@ def parse_rollout_request(body: bytes) -> RolloutRequest:
     raw = json_object(body)
     errors = FieldErrors()
     known = {"firmware", "targets", "waves", "success_pct", "abort", "device_timeout_s", "retries", "dispatch_per_s",
-             "health_window_s", "start_at"}
+             "health_window_s", "start_at", "maintenance_windows"}
     for name in sorted(set(raw) - known):
         errors.add(name, raw[name], "unknown field")
     firmware = check_text(errors, "firmware", raw.get("firmware"), FIRMWARE_VERSION, "a firmware version of the catalogue")
@@ -287,10 +292,11 @@ def parse_rollout_request(body: bytes) -> RolloutRequest:
     rate = _number(errors, "dispatch_per_s", raw.get("dispatch_per_s", 50), 0.1, 10_000)
     health_window = _number(errors, "health_window_s", raw.get("health_window_s", 300), 0, 86_400, integer=True)
     start_at = _instant(errors, "start_at", raw.get("start_at"))
+    windows = parse_windows(errors, raw.get("maintenance_windows"))
     errors.raise_any("Invalid rollout")
     return RolloutRequest(firmware, device_ids, target_filter, waves, percent, float(success_pct),  # type: ignore[arg-type]
                           AbortCriteria(frozenset(states), float(threshold), min_executed), timeout, retries, float(rate),
-                          health_window, start_at)
+                          health_window, start_at, windows)
 
 
 def _instant(errors: FieldErrors, name: str, value: Any) -> str | None:

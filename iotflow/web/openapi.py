@@ -13,6 +13,7 @@ from faust.web import Request, Response, View
 
 from iotflow.devices import FIRMWARE_VERSION, MAX_NAME, MAX_PAGE, MAX_TAGS, STATUSES, TAG, TYPE
 from iotflow.firmware import MAX_SIZE_BYTES
+from iotflow.maintenance import DAYS, MAX_WINDOWS
 from iotflow.rollouts import MAX_TARGET_IDS, MAX_WAVES, ROLLOUT_STATUSES
 from iotflow.telemetry import DEVICE_ID, METRIC
 
@@ -42,6 +43,8 @@ _DEVICE_ID = {"name": "device_id", "in": "path", "required": True,
 _IF_MATCH = {"name": "If-Match", "in": "header", "required": False,
              "schema": {"type": "string", "pattern": r'^(W/)?"?[1-9][0-9]{0,8}"?$'},
              "description": "the device version the change is made against"}
+_CLOCK = {"type": "string", "pattern": "^([01][0-9]|2[0-3]):[0-5][0-9](:[0-5][0-9])?$",
+          "description": "local time of day, HH:MM or HH:MM:SS"}
 _TAGS = {"type": "array", "maxItems": MAX_TAGS, "items": {"type": "string", "pattern": f"^{TAG.pattern}$"}}
 _FIELDS: dict[str, Any] = {
     "name": {"type": "string", "minLength": 1, "maxLength": MAX_NAME,
@@ -230,7 +233,18 @@ def document() -> dict[str, Any]:
                         "retries": {"type": "integer", "minimum": 0, "maximum": 10},
                         "dispatch_per_s": {"type": "number", "minimum": 0.1, "maximum": 10000},
                         "health_window_s": {"type": "integer", "minimum": 0, "maximum": 86400},
-                        "start_at": {"type": ["string", "null"], "format": "date-time"}}},
+                        "start_at": {"type": ["string", "null"], "format": "date-time"},
+                        "maintenance_windows": {
+                            "type": "array", "minItems": 1, "maxItems": MAX_WINDOWS,
+                            "description": "dispatch only inside one of these daily spans of local time "
+                                           "(end before start spans midnight); none: at any time",
+                            "items": {"type": "object", "additionalProperties": False, "required": ["start", "end"],
+                                      "properties": {
+                                          "start": _CLOCK, "end": _CLOCK,
+                                          "days": {"type": "array", "minItems": 1, "uniqueItems": True,
+                                                   "items": {"enum": list(DAYS)}},
+                                          "timezone": {"type": "string", "description": "IANA name, default UTC",
+                                                       "examples": ["Europe/Berlin"]}}}}}},
                 "FlagSetting": {"type": "object", "additionalProperties": False, "required": ["enabled"],
                                 "properties": {"enabled": {"type": "boolean"},
                                                "percentage": {"type": "integer", "minimum": 0, "maximum": 100}}},
@@ -244,6 +258,8 @@ def document() -> dict[str, Any]:
                                            "devices": {"type": "integer"}, "by_state": {"type": "object"},
                                            "current_wave": {"type": "integer"}, "unhealthy": {"type": "integer"},
                                            "rate_per_min": {"type": "number"}, "eta_s": {"type": ["integer", "null"]},
+                                           "window_open": {"type": "boolean"},
+                                           "next_window_at": {"type": ["string", "null"]},
                                            "waves": {"type": "array"}}},
                 "FirmwareRelease": {"type": "object", "additionalProperties": False,
                                     "required": ["version", "url", "size_bytes", "sha256"],

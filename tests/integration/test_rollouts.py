@@ -11,6 +11,7 @@ import time
 import uuid
 from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -31,6 +32,7 @@ class CommandCounter:
     def __init__(self, settings, prefix: str) -> None:
         self.prefix = prefix
         self.by_device: dict[str, list[str]] = defaultdict(list)  # device → command ids, in arrival order
+        self.first_at: float | None = None  # wall-clock time the first command arrived
         self.lock = threading.Lock()
         url = urlsplit(settings.mqtt_url)
         self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"count-{prefix}", clean_session=True)
@@ -47,6 +49,8 @@ class CommandCounter:
         if device.startswith(self.prefix):
             with self.lock:
                 self.by_device[device].append(json.loads(message.payload)["command_id"])
+                if self.first_at is None:
+                    self.first_at = time.time()
 
     def total(self) -> int:
         with self.lock:
@@ -303,3 +307,21 @@ def test_rollback_returns_the_devices_that_took_a_version_to_the_one_they_came_f
     r.close()
     assert {s["firmware_version"] for s in r.summary["devices"].values()} == {old}
     assert {s["installs"] for s in r.summary["devices"].values()} == {2}
+
+
+@pytest.mark.timeout(600)
+def test_commands_go_out_only_inside_a_maintenance_window(rig):
+    r = rig(30)
+    opens = (datetime.now(UTC) + timedelta(seconds=15)).replace(microsecond=0)
+    window = {"start": opens.strftime("%H:%M:%S"), "end": (opens + timedelta(hours=1)).strftime("%H:%M:%S"),
+              "timezone": "UTC"}
+    rollout = r.create({"firmware": r.publish("2.0.5"), "targets": {"devices": r.ids}, "waves": {"sizes": [10, 20]},
+                        "health_window_s": 0, "dispatch_per_s": 100, "maintenance_windows": [window]})
+    assert (rollout["window_open"], rollout["next_window_at"]) == (False, opens.isoformat()), rollout
+    # Running, ticking every 0.5 s, and nothing goes out before the window opens.
+    assert wait_for(lambda: r.rollout(rollout["id"])["status"] == "running", timeout=10)
+    assert not wait_for(lambda: r.counter.total() > 0, timeout=max(0.0, opens.timestamp() - time.time() - 1))
+    done = r.wait_status(rollout["id"], {"completed", "aborted"}, timeout=300)
+    assert done["status"] == "completed" and done["by_state"] == {"SUCCEEDED": 30}, done
+    assert done["window_open"] is True and done["next_window_at"] is None
+    assert r.counter.first_at is not None and r.counter.first_at >= opens.timestamp()

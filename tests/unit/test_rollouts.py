@@ -155,11 +155,14 @@ def test_the_idempotency_key_is_required_and_visible_ascii():
 _JSON = st.recursive(st.none() | st.booleans() | st.integers(-5, 200) | st.floats(allow_nan=False, allow_infinity=False)
                      | st.text(max_size=4), lambda inner: st.lists(inner, max_size=3)
                      | st.dictionaries(st.text(max_size=8), inner, max_size=3), max_leaves=8)
-_KEYS = ["firmware", "targets", "waves", "success_pct", "abort", "device_timeout_s", "retries", "dispatch_per_s"]
+_KEYS = ["firmware", "targets", "waves", "success_pct", "abort", "device_timeout_s", "retries", "dispatch_per_s",
+         "maintenance_windows"]
 _NESTED = {"targets": st.dictionaries(st.sampled_from(["devices", "filter"]), _JSON, max_size=2),
            "waves": st.dictionaries(st.sampled_from(["percent", "sizes"]), _JSON, max_size=2),
            "abort": st.dictionaries(st.sampled_from(["failure_states", "threshold_pct", "min_executed"]), _JSON,
-                                    max_size=3)}
+                                    max_size=3),
+           "maintenance_windows": st.lists(st.dictionaries(st.sampled_from(["days", "start", "end", "timezone"]), _JSON,
+                                                           max_size=4) | _JSON, max_size=3)}
 
 
 @settings(max_examples=400, deadline=None)
@@ -194,6 +197,23 @@ def test_a_rollout_request_takes_a_health_window_and_a_start_time_with_a_zone():
     with pytest.raises(InvalidRequest) as caught:
         parse_rollout_request(request(health_window_s=-1, start_at="2026-12-01T03:00:00"))
     assert {e["field"] for e in caught.value.errors} == {"health_window_s", "start_at"}
+
+
+def test_a_rollout_request_takes_maintenance_windows_into_its_normal_form():
+    from iotflow.errors import InvalidRequest
+    from iotflow.rollouts import parse_rollout_request
+
+    plain = parse_rollout_request(request())
+    assert plain.maintenance_windows == () and "maintenance_windows" not in plain.canonical  # its hash as before
+    nightly = parse_rollout_request(request(maintenance_windows=[{"start": "01:00", "end": "04:00",
+                                                                  "timezone": "Europe/Berlin"}]))
+    assert nightly.canonical["maintenance_windows"] == [
+        {"days": ["mon", "tue", "wed", "thu", "fri", "sat", "sun"], "start": "01:00:00", "end": "04:00:00",
+         "timezone": "Europe/Berlin"}]
+    assert nightly.sha256 != plain.sha256
+    with pytest.raises(InvalidRequest) as caught:
+        parse_rollout_request(request(retries=-1, maintenance_windows=[{"start": "01:00", "end": "01:00"}]))
+    assert {e["field"] for e in caught.value.errors} == {"retries", "maintenance_windows[0].end"}
 
 
 def test_a_status_report_is_read_or_every_bad_field_is_named():
