@@ -22,8 +22,10 @@ import urllib.request
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import asyncpg
+import paho.mqtt.client as mqtt
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient
 
@@ -191,6 +193,27 @@ class WorkerProcess:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait(timeout=10)
+
+
+def forget_mqtt_session(settings: Settings, client_id: str, timeout: float = 10.0) -> None:
+    """End the persistent MQTT session of ``client_id`` for good: connect with its id and a clean
+    session, then leave. A bridge stopped for good otherwise leaves its session subscribed to every
+    device's telemetry on the broker, which queues all later traffic for it (up to
+    ``max_queued_messages``) — on a shared test broker, hundreds of MB after a few dozen tests."""
+    url = urlsplit(settings.mqtt_url)
+    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, clean_session=True)
+    connected = threading.Event()
+    client.on_connect = lambda c, u, f, reason, p: connected.set()
+    if url.username:
+        client.username_pw_set(url.username, url.password)
+    client.connect(url.hostname or "127.0.0.1", url.port or 1883)
+    client.loop_start()
+    try:
+        if not connected.wait(timeout):
+            raise TimeoutError(f"could not connect to {settings.mqtt_url} as {client_id} within {timeout} s")
+    finally:
+        client.disconnect()
+        client.loop_stop()
 
 
 def telemetry(device_id: str, seq: int, *, metrics: dict[str, float] | None = None) -> bytes:

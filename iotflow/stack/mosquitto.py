@@ -42,6 +42,9 @@ class Mosquitto(Service):
                 # Queue generously for persistent QoS 1 sessions while a bridge is down.
                 "max_queued_messages 100000",
                 "max_inflight_messages 1000",
+                # Sessions of clients gone for an hour are dropped: a bridge or device that never
+                # comes back would otherwise keep its queue (up to the bound above) for ever.
+                "persistent_client_expiration 1h",
                 f"log_dest file {self.log_file}",
                 "log_type error",
                 "log_type warning",

@@ -9,12 +9,13 @@ import sys
 import threading
 import time
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from iotflow.simulator import Fleet, FleetConfig
-from iotflow.testing import dlq_messages, free_port, http_get_json, stored_messages
+from iotflow.testing import WorkerProcess, dlq_messages, forget_mqtt_session, free_port, http_get_json, stored_messages
 
 
 def start_bridge(settings, tmp_path: Path, client_id: str, metrics_port: int | None = None,
@@ -40,17 +41,19 @@ class FleetThroughBridge:
     ``sender`` has finished."""
 
     def __init__(self, settings, start_worker, run_id: str, tmp_path: Path, config: FleetConfig,
-                 **bridge_env: str) -> None:
+                 prepare: Callable[[WorkerProcess], None] | None = None, **bridge_env: str) -> None:
         self.bridge_env = bridge_env
         self.worker = start_worker()
         self.worker.wait_ready()
+        if prepare is not None:
+            prepare(self.worker)  # e.g. register the fleet and wait until the worker knows it
         self.settings, self.tmp_path, self.client_id = settings, tmp_path, f"bridge-{run_id}"
         self.log = tmp_path / f"bridge-{self.client_id}.log"
         self.bridge = self.start_bridge()
         wait_for_log(self.log, "mqtt_connected")
         self.prefix = config.prefix + "-"
         self.result: dict = {}
-        fleet = Fleet(settings, config)
+        self.fleet = fleet = Fleet(settings, config)
         self.sender = threading.Thread(target=lambda: self.result.update(fleet.run()))
         self.sender.start()
 
@@ -63,6 +66,7 @@ class FleetThroughBridge:
     def stop(self) -> None:
         self.bridge.terminate()
         self.bridge.wait(timeout=30)
+        forget_mqtt_session(self.settings, self.client_id)
 
 
 def wait_for_log(path: Path, text: str, timeout: float = 30.0) -> None:
@@ -119,3 +123,4 @@ def test_fifty_devices_with_duplicates_and_malformed_store_exactly_the_unique_va
     finally:
         bridge.send_signal(signal.SIGTERM)
         assert bridge.wait(timeout=30) == 0
+        forget_mqtt_session(settings, f"bridge-{run_id}")

@@ -20,7 +20,7 @@ import paho.mqtt.client as mqtt
 import pytest
 
 from iotflow.simulator import FirmwareBehaviour, Fleet, FleetConfig, device_ids
-from iotflow.testing import http_json, wait_for
+from iotflow.testing import forget_mqtt_session, http_json, wait_for
 from tests.integration.test_mqtt_path import start_bridge, wait_for_log
 
 WORKER_ENV = {"IOTFLOW_ROLLOUT_TICK_S": "0.5", "IOTFLOW_LAST_SEEN_FLUSH_S": "1"}
@@ -160,6 +160,7 @@ class Rig:
         if self.bridge is not None:
             self.bridge.terminate()
             self.bridge.wait(timeout=30)
+            forget_mqtt_session(self.settings, f"bridge-{self.run_id}")
         if self.created:
             asyncio.run(self._end_created())
 
