@@ -25,6 +25,8 @@ SCENARIOS: dict[str, str] = {
     "postgres-stop": "tests/reliability/test_bridge_and_database_faults.py::test_the_database_stopped_for_30_seconds_costs_nothing_and_memory_stays_bounded",
     "bridge-kill": "tests/reliability/test_bridge_and_database_faults.py::test_a_bridge_killed_mid_stream_loses_nothing",
     "kafka-restart": "tests/reliability/test_kafka_broker_restart.py::test_a_kafka_broker_restart_under_load_loses_nothing",
+    "kafka-broker-kill": "tests/reliability/test_kafka_cluster.py::test_a_broker_of_three_killed_under_load_loses_nothing_and_stalls_only_for_the_election",
+    "thundering-herd": "tests/reliability/test_thundering_herd.py::test_five_thousand_devices_reconnecting_at_once_lose_nothing",
     "mosquitto-restart": "tests/reliability/test_mqtt_broker_restart.py::test_a_broker_restart_under_load_loses_nothing",
     "hostile-input-storm": "tests/reliability/test_hostile_input.py::test_a_storm_of_hostile_payloads_ends_in_the_dlq_or_a_4xx_and_valid_traffic_is_untouched",
     "duplicate-storm": "tests/reliability/test_duplicate_storm.py::test_thirty_percent_duplicates_store_no_row_twice",
@@ -81,6 +83,17 @@ def table(rows: list[dict[str, object]]) -> str:
     return "\n".join(lines)
 
 
+def extras(rows: list[dict[str, object]]) -> str:
+    """The figures a scenario recorded beyond the table's columns, one line per scenario."""
+    known = {"scenario", "test", "fault", "passed", *COLUMNS}
+    lines = []
+    for row in rows:
+        more = {k: v for k, v in row.items() if k not in known}
+        if more:
+            lines.append(f"- {row['scenario']}: " + ", ".join(f"{k} {v}" for k, v in more.items()))
+    return "\n".join(lines)
+
+
 def write_doc(root: Path, command: str, rows: list[dict[str, object]]) -> Path:
     path = root / "docs" / "reliability.md"
     path.write_text(
@@ -91,6 +104,7 @@ def write_doc(root: Path, command: str, rows: list[dict[str, object]]) -> Path:
         "*requests*/*failed_requests* are API calls made during the fault; *recovery_s* is the time "
         "from the end of the fault to everything stored (worker-sigterm: from SIGTERM to the clean "
         "exit; redis-sentinel-failover: from the kill to the promotion; postgres-failover: from the "
-        "promotion to everything stored).\n\n"
-        + table(rows) + "\n")
+        "promotion to everything stored; thundering-herd and kafka-broker-kill: from the broker's "
+        "return, resp. the kill, to everything stored). Figures beyond the columns are under the table.\n\n"
+        + table(rows) + "\n" + (f"\n{extras(rows)}\n" if extras(rows) else ""))
     return path

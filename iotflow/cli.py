@@ -331,14 +331,14 @@ def chaos(scenarios: tuple[str, ...], no_doc: bool) -> None:
 
     \b
     Scenarios: worker-kill, worker-kill-exactly-once, postgres-stop, bridge-kill, kafka-restart,
-    mosquitto-restart, hostile-input-storm, duplicate-storm, postgres-failover, redis-stop,
-    redis-sentinel-failover, worker-sigterm, rollout-leader-kill.
+    kafka-broker-kill, thundering-herd, mosquitto-restart, hostile-input-storm, duplicate-storm,
+    postgres-failover, redis-stop, redis-sentinel-failover, worker-sigterm, rollout-leader-kill.
 
     Run from a checkout, with `iotflow stack up`.
     """
     from pathlib import Path
 
-    from iotflow.chaos import run, table, write_doc
+    from iotflow.chaos import extras, run, table, write_doc
 
     root = Path.cwd()
     if not (root / "tests" / "reliability").is_dir():
@@ -348,6 +348,8 @@ def chaos(scenarios: tuple[str, ...], no_doc: bool) -> None:
     except ValueError as exc:
         raise click.BadParameter(str(exc)) from None
     click.echo(table(rows))
+    if extras(rows):
+        click.echo(extras(rows))
     if not no_doc:
         command = "iotflow chaos" + "".join(f" {s}" for s in scenarios)
         click.echo(f"written to {write_doc(root, command, rows)}", err=True)

@@ -41,25 +41,33 @@ def kafka_version(pom: Path = POM) -> str:
     return node.text.strip()
 
 
-def server_properties(*, node_id: int, port: int, controller_port: int, data_dir: Path) -> str:
-    """A KRaft combined-mode config for a single node on loopback."""
+def server_properties(*, node_id: int, port: int, controller_port: int, data_dir: Path,
+                      voters: dict[int, int] | None = None) -> str:
+    """A KRaft combined-mode (broker and controller) config on loopback: a single node, or with
+    ``voters`` (node id → controller port, this node's included) one node of a cluster of that
+    many, whose internal topics take three replicas (two in sync) when it has three nodes or more."""
+    replicas, in_sync = (3, 2) if voters and len(voters) >= 3 else (1, 1)
+    quorum = (f"controller.quorum.voters={','.join(f'{n}@127.0.0.1:{p}' for n, p in sorted(voters.items()))}"
+              if voters else f"controller.quorum.bootstrap.servers=127.0.0.1:{controller_port}")
     return "\n".join(
         [
             "process.roles=broker,controller",
             f"node.id={node_id}",
-            f"controller.quorum.bootstrap.servers=127.0.0.1:{controller_port}",
+            quorum,
             f"listeners=PLAINTEXT://127.0.0.1:{port},CONTROLLER://127.0.0.1:{controller_port}",
             f"advertised.listeners=PLAINTEXT://127.0.0.1:{port}",
             "controller.listener.names=CONTROLLER",
             "listener.security.protocol.map=CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT",
             "inter.broker.listener.name=PLAINTEXT",
             f"log.dirs={data_dir}",
-            # A single node: internal topics cannot have more than one replica here.
-            "offsets.topic.replication.factor=1",
-            "transaction.state.log.replication.factor=1",
-            "transaction.state.log.min.isr=1",
-            "share.coordinator.state.topic.replication.factor=1",
-            "share.coordinator.state.topic.min.isr=1",
+            # Internal topics: as many replicas as the cluster can hold (one on a single node).
+            f"offsets.topic.replication.factor={replicas}",
+            f"transaction.state.log.replication.factor={replicas}",
+            f"transaction.state.log.min.isr={in_sync}",
+            f"share.coordinator.state.topic.replication.factor={replicas}",
+            f"share.coordinator.state.topic.min.isr={in_sync}",
+            f"default.replication.factor={replicas}",
+            f"min.insync.replicas={in_sync}",
             # Tests and local runs join groups one after another; no reason to wait 3 s each time.
             "group.initial.rebalance.delay.ms=0",
             # iotflow creates its topics explicitly with their partitions and configs.
@@ -109,7 +117,7 @@ class Kafka(Service):
         shutil.rmtree(build, ignore_errors=True)
         done_marker.touch()
 
-    def _java(self) -> str:
+    def java(self) -> str:
         java = require_binary("java", "openjdk-17-jre-headless")
         out = subprocess.run([java, "-version"], capture_output=True, text=True, timeout=30).stderr
         match = re.search(r'version "(\d+)', out)
@@ -142,7 +150,7 @@ class Kafka(Service):
             self._wait_healthy()
             return
         refuse_taken_ports(self.name, self.port, self.controller_port)
-        java = self._java()
+        java = self.java()
         self.ensure_jars()
         self.data.mkdir(parents=True, exist_ok=True)
         self.log_dir.mkdir(parents=True, exist_ok=True)
@@ -159,7 +167,7 @@ class Kafka(Service):
                 stdin=subprocess.DEVNULL,
                 start_new_session=True,
                 cwd=self.home,
-                preexec_fn=_raise_open_files_limit,
+                preexec_fn=raise_open_files_limit,
             )
         self.pid_file.write_text(str(proc.pid))
         self._wait_healthy()
@@ -188,11 +196,11 @@ class Kafka(Service):
         return ServiceStatus(self.name, up, f"127.0.0.1:{self.port}", detail)
 
     def _answers(self) -> bool:
-        return asyncio.run(_metadata_ok(f"127.0.0.1:{self.port}", timeout=5.0))
+        return asyncio.run(brokers_answering(f"127.0.0.1:{self.port}", timeout=5.0)) > 0
 
 
-async def _metadata_ok(bootstrap: str, *, timeout: float) -> bool:
-    """True when the broker answers a metadata request listing at least one broker."""
+async def brokers_answering(bootstrap: str, *, timeout: float) -> int:
+    """How many brokers the cluster's metadata lists (0: no answer within ``timeout``)."""
     from aiokafka.client import AIOKafkaClient
     from aiokafka.errors import KafkaError
 
@@ -202,9 +210,9 @@ async def _metadata_ok(bootstrap: str, *, timeout: float) -> bool:
     client = AIOKafkaClient(bootstrap_servers=bootstrap, request_timeout_ms=int(timeout * 1000))
     try:
         await asyncio.wait_for(client.bootstrap(), timeout)
-        return bool(client.cluster.brokers())
+        return len(client.cluster.brokers())
     except (KafkaError, OSError, asyncio.TimeoutError):
-        return False
+        return 0
     finally:
         await client.close()
 
@@ -212,7 +220,7 @@ async def _metadata_ok(bootstrap: str, *, timeout: float) -> bool:
 OPEN_FILES = 1_048_576
 
 
-def _raise_open_files_limit() -> None:
+def raise_open_files_limit() -> None:
     """In the broker's process, before exec: Kafka keeps several files open per partition segment,
     and a machine that ran many test apps carries thousands of partitions (a broker that runs out
     of descriptors stops with a storage fault). Root may raise the hard limit; others get theirs."""

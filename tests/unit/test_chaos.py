@@ -4,7 +4,7 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
-from iotflow.chaos import SCENARIOS, _outcomes, table
+from iotflow.chaos import SCENARIOS, _outcomes, extras, table
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -26,6 +26,13 @@ def test_the_table_has_a_row_per_scenario_and_says_whether_it_held():
     assert text[0].startswith("| scenario | fault | sent | stored | lost | duplicated |")
     assert text[2] == "| worker-kill | worker kill -9 ×3 | 102000 | 100000 | 0 | 0 |  |  | 41.5 | yes |"
     assert text[3].endswith("| NO |")
+
+
+def test_figures_beyond_the_columns_are_listed_per_scenario():
+    rows = [{"scenario": "thundering-herd", "test": "t::x", "fault": "f", "sent": 1, "reconnected_s": 9.5,
+             "bridge_rss_growth_mib": 3.0, "passed": True},
+            {"scenario": "redis-stop", "fault": "f", "requests": 5, "passed": True}]
+    assert extras(rows) == "- thundering-herd: reconnected_s 9.5, bridge_rss_growth_mib 3.0"
 
 
 def test_outcomes_come_from_pytest_junit_xml(tmp_path):

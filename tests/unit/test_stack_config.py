@@ -27,6 +27,19 @@ def test_server_properties_run_one_kraft_node_on_loopback(tmp_path: Path):
     assert props["auto.create.topics.enable"] == "false"
 
 
+def test_a_node_of_a_three_node_cluster_names_every_voter_and_keeps_internal_topics_on_three(tmp_path: Path):
+    text = server_properties(node_id=2, port=30002, controller_port=31002, data_dir=tmp_path,
+                             voters={1: 31001, 2: 31002, 3: 31003})
+    props = dict(line.split("=", 1) for line in text.splitlines() if line)
+    assert props["controller.quorum.voters"] == "1@127.0.0.1:31001,2@127.0.0.1:31002,3@127.0.0.1:31003"
+    assert "controller.quorum.bootstrap.servers" not in props
+    assert (props["offsets.topic.replication.factor"], props["default.replication.factor"],
+            props["min.insync.replicas"], props["transaction.state.log.min.isr"]) == ("3", "3", "2", "2")
+    single = dict(line.split("=", 1) for line in server_properties(
+        node_id=1, port=19092, controller_port=19093, data_dir=tmp_path).splitlines() if line)
+    assert (single["offsets.topic.replication.factor"], single["min.insync.replicas"]) == ("1", "1")
+
+
 @pytest.mark.parametrize("address", ["127.0.0.1:9092", "localhost:9092", "redis://127.0.0.1:9092/0"])
 def test_loopback_ports_are_accepted(address):
     assert loopback_port("X", address) == 9092
