@@ -13,12 +13,11 @@ from iotflow.testing import http_json, topic_messages, wait_for
 from tests.integration.test_rollouts import rig  # noqa: F401 - the fixture
 
 
-@pytest.mark.xfail(reason="known bug, on the rollouts issue: after the group rebalances for the killed worker, some "
-                          "partitions the survivor took over (firmware-status, sensor-data) keep a consumer lag that "
-                          "never drains although the fetcher's read offsets reach their high watermarks and every agent "
-                          "waits idle for events — ~300 of ~1,200 reports never reach the firmware agent. Reproduced 4 of "
-                          "4 runs; also with Faust's stock transport; Faust's streams skip none of them (NO_CYTHON=1).",
-                   strict=False)
+@pytest.mark.xfail(reason="under watch, on the rollouts issue: the survivor used to lose reports at the takeover "
+                          "(Faust's fetcher passed skipped offsets as gaps; iotflow/transport.py now reads them "
+                          "again, and it passed 3 of 3 alone). One whole-suite run still failed it ~10 s after "
+                          "the takeover with the rollout running, likely on a 503 from the survivor's API, which "
+                          "the polling now retries.", strict=False)
 @pytest.mark.timeout(360)
 def test_the_leader_killed_mid_rollout_the_other_worker_finishes_it_without_a_second_command(rig, chaos):  # noqa: F811
     r = rig(200, workers=2)
@@ -30,10 +29,12 @@ def test_the_leader_killed_mid_rollout_the_other_worker_finishes_it_without_a_se
     ticks_before = r.worker.log_text().count("orchestrator_tick")
     at_kill = r.counter.total()
     leader.kill()
-    ended = wait_for(lambda: r.rollout(rollout["id"])["status"] in {"completed", "aborted", "canceled"}, timeout=150)
+    answers: dict[str, int] = {}
+    ended = wait_for(lambda: _status(r, rollout["id"], answers) in {"completed", "aborted", "canceled"}, timeout=150)
     done = r.rollout(rollout["id"])
     assert ended and done["status"] == "completed" and done["by_state"] == {"SUCCEEDED": 200}, json.dumps(
-        {"rollout": {k: done.get(k) for k in ("status", "by_state")}, "unfinished": _unfinished(r, rollout["id"])})
+        {"rollout": {k: done.get(k) for k in ("status", "by_state")}, "answers": answers,
+         "unfinished": _unfinished(r, rollout["id"])})
     assert r.worker.log_text().count("orchestrator_tick") > ticks_before  # the survivor took over
     # Each device saw one command id (re-publishing the same id is allowed; the device applies it once).
     assert len(r.counter.by_device) == 200
@@ -44,6 +45,22 @@ def test_the_leader_killed_mid_rollout_the_other_worker_finishes_it_without_a_se
     chaos(fault=f"leader worker SIGKILL mid-rollout ({at_kill} of 200 commanded)", sent=200,
           stored=installs.count(1), lost=installs.count(0), duplicated=sum(n - 1 for n in installs if n > 1))
     assert set(installs) == {1}
+
+
+def _status(r, rollout_id: str, answers: dict[str, int]) -> str | None:
+    """The rollout's status as the surviving worker reports it; None while it answers 503 (with
+    Retry-After: its registry pool is busy with the takeover) or not within 10 s — a client asks
+    again. ``answers`` counts what came back, for the failure message."""
+    try:
+        status, _, body = http_json("GET", f"{r.worker.url}/api/v1/firmware/rollouts/{rollout_id}", headers=r.admin)
+    except OSError as exc:  # no answer within the timeout
+        answers[type(exc).__name__] = answers.get(type(exc).__name__, 0) + 1
+        return None
+    answers[str(status)] = answers.get(str(status), 0) + 1
+    if status == 503:
+        return None
+    assert status == 200, body
+    return body["status"]
 
 
 def _unfinished(r, rollout_id: str) -> dict[str, dict]:
