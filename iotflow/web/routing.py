@@ -1,4 +1,5 @@
-"""Faust's ``table_route`` with a clear 503 while the owner of a key cannot be known yet.
+"""Faust's ``table_route`` with a clear 503 while the owner of a key cannot be known yet, or is
+not settled.
 
 ``table_route`` finds a key's owner through the app producer's partitioner, which needs the
 producer's metadata for the table's changelog topic. Right after a worker starts (before the
@@ -7,6 +8,13 @@ missing and Faust fails with a TypeError deep in aiokafka — a 500. Here the me
 first: missing, the answer is 503 with ``Retry-After: 1`` and a reload is started, so the retry
 is routed. A key that is not a device id (the partitioner hashes bytes; schemathesis found a 500
 for a non-ASCII one) is refused with 422 before routing.
+
+A request Faust's router keeps here is answered only if this worker is the settled, active owner
+of the key's partition (:func:`answers_for`): around a rebalance the router's map and the
+assignment disagree for a moment, and a partition just taken over is still being restored — the
+local store would say "no such device" for one that exists (a third worker joining and leaving
+under load showed hundreds of such 404s: tests/reliability/test_rebalances.py). Otherwise 503
+with ``Retry-After: 1``.
 """
 from __future__ import annotations
 
@@ -35,7 +43,19 @@ def table_route(app: faust.App, table: faust.Table, match_info: str) -> Callable
     topic = table.changelog_topic.get_topic_name()
 
     def decorate(handler: Handler) -> Handler:
-        routed = routed_by_faust(handler)
+        @wraps(handler)
+        async def settled(view: View, request: Request, *args: Any, **kwargs: Any) -> Response:
+            # Faust's router sent the request here, but around a rebalance its map and this
+            # worker's assignment disagree for a moment, and a partition just taken over is being
+            # restored: the local store would answer "not found" (or an old value) for a key that
+            # exists. Only the settled, active owner answers; anyone else asks for a retry.
+            if not answers_for(app, table, request.match_info.get(match_info, "").encode()):
+                return _retry_soon(view, request, "Table partition moving",
+                                   f"this worker does not hold the partition of {topic} for this key settled "
+                                   "(rebalancing or restoring); retry")
+            return await handler(view, request, *args, **kwargs)
+
+        routed = routed_by_faust(settled)
 
         @wraps(handler)
         async def guarded(view: View, request: Request, *args: Any, **kwargs: Any) -> Response:
@@ -57,6 +77,8 @@ def table_route(app: faust.App, table: faust.Table, match_info: str) -> Callable
                     log.warning("table_route_forward_failed", topic=topic, status=response.status)
                     return _retry_soon(view, request, "Table owner did not answer",
                                        f"the worker owning this key answered {response.status}")
+                if response.status == 503 and "Retry-After" not in response.headers:
+                    response.headers["Retry-After"] = "1"  # Faust's forwarding keeps the body, not the headers
                 return response
             except (KeyError, TypeError, NotReady, ServiceUnavailable, aiohttp.ClientError, asyncio.TimeoutError) as exc:
                 # Faust's router before its assignment metadata is complete (seen in the first
@@ -67,6 +89,18 @@ def table_route(app: faust.App, table: faust.Table, match_info: str) -> Callable
         return guarded
 
     return decorate
+
+
+def answers_for(app: faust.App, table: faust.Table, key: bytes) -> bool:
+    """Whether this worker may answer for ``key`` of ``table`` from its own store now: the key's
+    changelog partition is assigned to it, and not as a standby (the assignor's actives list
+    source topics; a table's changelog partitions come with them), and it is neither rebalancing
+    nor restoring tables."""
+    if app.rebalancing or app.in_recovery:
+        return False
+    topic = table.changelog_topic.get_topic_name()
+    tp = app.producer.key_partition(topic, key)  # a TP, as the router's own lookup uses it
+    return tp in app.consumer.assignment() and tp not in app.assignor.assigned_standbys()
 
 
 def _retry_soon(view: View, request: Request, title: str, detail: str) -> Response:
