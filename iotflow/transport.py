@@ -22,7 +22,9 @@ processed (after a worker's ``SIGKILL``, the survivor lost a share of the firmwa
 tests/reliability/test_rollout_leader_kill.py). This fetcher seeks back to the first missing offset
 instead, up to three times per offset (iotflow's source topics are not compacted, so only a log
 truncated under the reader by retention is a real hole: it is accepted as a gap, with a warning,
-after the third rewind to the same offset).
+after the third rewind to the same offset). Under ``exactly_once`` the fetcher keeps Faust's
+bookkeeping (gaps for jumps, read offsets as Faust sets them): markers take offsets there, and
+that mode's crash test was proven with it.
 
 It also refuses a commit past an offset that was never acknowledged. Faust's ``_new_offset``
 checks the head of the acknowledged offsets against the committed one with an off-by-one
@@ -49,7 +51,7 @@ from collections.abc import Iterable
 from typing import Any, cast
 
 import structlog
-from aiokafka.errors import KafkaError
+from aiokafka.errors import IllegalStateError, KafkaError
 
 from faust.transport.consumer import CONSUMER_FETCHING
 from faust.transport.drivers import aiokafka as faust_aiokafka
@@ -116,6 +118,8 @@ class Consumer(faust_aiokafka.Consumer):
         # Faust sets the read offset to the committed one, the offset to read *next*, where after a
         # delivery it holds the offset delivered: a first record one past it would not look like a
         # jump. Hold the offset before it, so the fetcher sees any record missing after the seek.
+        if self.in_transaction:
+            return  # exactly_once: transaction markers take offsets; the jump check records gaps as Faust does
         read_offsets = self._read_offset
         for tp in self.assignment():
             read = read_offsets.get(tp)
@@ -170,7 +174,10 @@ class Consumer(faust_aiokafka.Consumer):
                                         from_offset=read + 1, to_offset=offset, times=times)
                             rewinds[tp] = (read + 1, times)
                             rewound.add(tp)
-                            await self.seek(tp, read + 1)
+                            try:
+                                await self.seek(tp, read + 1)
+                            except IllegalStateError:
+                                continue  # revoked meanwhile: its next owner reads from the committed offset
                             read_offsets[tp] = read  # the last delivered: a record missing again shows
                             continue
                         if not transactional:
@@ -185,9 +192,10 @@ class Consumer(faust_aiokafka.Consumer):
                     if suspended.is_set() or (callback_lock is not None and callback_lock.locked()):
                         delivery = deliver(message)
                         waited = await self.wait_first(delivery, suspended.wait())
-                        if delivery in waited.done:
+                        if delivery in waited.done or transactional:
                             read_offsets[tp] = offset
-                        # else abandoned to the rebalance: not read (its seek, or a rewind, reads it)
+                        # else abandoned to the rebalance: not read (its seek, or a rewind, reads it);
+                        # under exactly_once Faust's own bookkeeping is kept unchanged
                         continue
                     generation = self.app.consumer_generation_id
                     try:
