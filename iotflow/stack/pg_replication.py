@@ -23,7 +23,7 @@ from pathlib import Path
 
 from iotflow.errors import StackError
 from iotflow.stack.base import LocalNode, free_loopback_port, pid_alive, run, wait_until
-from iotflow.stack.postgres import find_bindir
+from iotflow.stack.postgres import find_bindir, psql, quote_ident, quote_literal
 
 _ADMIN = "postgres"
 _ADMIN_PASSWORD = "postgres"  # a throwaway pair on loopback; the replica's connection uses it
@@ -138,14 +138,12 @@ class PostgresPair:
             timeout=90, what=f"starting {node.name} (see {node.log_file})", user=self.as_user)
 
     def psql(self, node: _Node, sql: str, *, database: str = "postgres") -> str:
-        return run([self._bin("psql"), "-X", "-q", "-v", "ON_ERROR_STOP=1", "-tA", "-h", str(node.socket_dir),
-                    "-p", str(node.port), "-U", _ADMIN, "-d", database, "-c", sql],
-                   timeout=60, what=f"psql on {node.name}", user=self.as_user)
+        return psql(node.socket_dir, node.port, sql, database=database, as_user=self.as_user,
+                    what=f"psql on {node.name}")
 
     def _create_app_database(self) -> None:
-        password = self.password.replace("'", "''")
-        self.psql(self.primary, f'CREATE ROLE "{self.user}" LOGIN PASSWORD \'{password}\'')
-        self.psql(self.primary, f'CREATE DATABASE "{self.database}" OWNER "{self.user}"')
+        self.psql(self.primary, f"CREATE ROLE {quote_ident(self.user)} LOGIN PASSWORD {quote_literal(self.password)}")
+        self.psql(self.primary, f"CREATE DATABASE {quote_ident(self.database)} OWNER {quote_ident(self.user)}")
 
     def sync_state(self) -> str | None:
         """The replica's state as the primary sees it (``sync`` once commits wait for it)."""

@@ -31,11 +31,18 @@ def find_bindir() -> Path:
     return candidates[-1]
 
 
-def _quote_ident(name: str) -> str:
+def psql(socket_dir: Path, port: int, sql: str, *, database: str = "postgres", as_user: str | None = None,
+         what: str = "psql") -> str:
+    """Run ``sql`` as a cluster's superuser over its Unix socket; return the unaligned rows."""
+    return run([str(find_bindir() / "psql"), "-X", "-q", "-v", "ON_ERROR_STOP=1", "-tA", "-h", str(socket_dir),
+                "-p", str(port), "-U", _ADMIN, "-d", database, "-c", sql], timeout=60, what=what, user=as_user)
+
+
+def quote_ident(name: str) -> str:
     return '"' + name.replace('"', '""') + '"'
 
 
-def _quote_literal(value: str) -> str:
+def quote_literal(value: str) -> str:
     return "'" + value.replace("'", "''") + "'"
 
 
@@ -149,13 +156,7 @@ class Postgres(Service):
 
     def psql(self, sql: str, *, database: str = "postgres") -> str:
         """Run ``sql`` as the cluster's superuser over the Unix socket; return the unaligned rows."""
-        return run(
-            [self._bin("psql"), "-X", "-q", "-v", "ON_ERROR_STOP=1", "-tA", "-h", str(self.socket_dir),
-             "-p", str(self.port), "-U", _ADMIN, "-d", database, "-c", sql],
-            timeout=60,
-            what="psql",
-            user=self.as_user,
-        )
+        return psql(self.socket_dir, self.port, sql, database=database, as_user=self.as_user)
 
     def _ensure_databases(self) -> None:
         for dsn in dict.fromkeys((self.settings.pg_dsn, self.settings.tsdb_dsn)):
@@ -163,10 +164,10 @@ class Postgres(Service):
             user = unquote(parts.username or "iotflow")
             password = unquote(parts.password or "")
             database = unquote(parts.path.lstrip("/") or user)
-            if not self.psql(f"SELECT 1 FROM pg_roles WHERE rolname = {_quote_literal(user)}").strip():
-                login = f"LOGIN PASSWORD {_quote_literal(password)}" if password else "LOGIN"
-                self.psql(f"CREATE ROLE {_quote_ident(user)} {login}")
+            if not self.psql(f"SELECT 1 FROM pg_roles WHERE rolname = {quote_literal(user)}").strip():
+                login = f"LOGIN PASSWORD {quote_literal(password)}" if password else "LOGIN"
+                self.psql(f"CREATE ROLE {quote_ident(user)} {login}")
             # A local stack's role may make scratch databases (the migration tests roll down in one).
-            self.psql(f"ALTER ROLE {_quote_ident(user)} CREATEDB")
-            if not self.psql(f"SELECT 1 FROM pg_database WHERE datname = {_quote_literal(database)}").strip():
-                self.psql(f"CREATE DATABASE {_quote_ident(database)} OWNER {_quote_ident(user)}")
+            self.psql(f"ALTER ROLE {quote_ident(user)} CREATEDB")
+            if not self.psql(f"SELECT 1 FROM pg_database WHERE datname = {quote_literal(database)}").strip():
+                self.psql(f"CREATE DATABASE {quote_ident(database)} OWNER {quote_ident(user)}")
