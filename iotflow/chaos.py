@@ -34,6 +34,8 @@ SCENARIOS: dict[str, str] = {
     "redis-stop": "tests/reliability/test_redis_outage.py::test_reads_survive_a_redis_outage_and_use_the_cache_again_after",
     "redis-sentinel-failover": "tests/reliability/test_redis_sentinel.py::test_the_worker_follows_a_promoted_replica_without_a_failed_request",
     "worker-sigterm": "tests/reliability/test_graceful_shutdown.py::test_sigterm_under_load_fails_no_request_and_loses_no_message",
+    "rolling-restart": "tests/reliability/test_rebalances.py::test_a_rolling_restart_of_two_workers_fails_no_request_and_loses_nothing",
+    "worker-join-leave": "tests/reliability/test_rebalances.py::test_a_third_worker_joining_and_leaving_loses_nothing_and_views_answer_from_the_new_owners",
     "rollout-leader-kill": "tests/reliability/test_rollout_leader_kill.py::test_the_leader_killed_mid_rollout_the_other_worker_finishes_it_without_a_second_command",
 }
 COLUMNS = ("sent", "stored", "lost", "duplicated", "requests", "failed_requests", "recovery_s")

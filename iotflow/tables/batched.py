@@ -137,6 +137,25 @@ def stored(table: faust.Table, partition: int, key: bytes) -> bytes | None:
     return store.data.get(key)
 
 
+def open_active_partitions(table: faust.Table) -> None:
+    """Open the local store of every partition of ``table`` this worker owns as active.
+
+    Faust's RocksDB store opens a partition's database when the rebalance assigns it, but its
+    ``assign_partitions`` may stop half way (a next rebalance starting) and leave owned partitions
+    unopened until an event of theirs arrives. Reads outside an event — ``table.get`` (which looks
+    only in open databases) and ``table.items()`` (open active ones) — then miss every key of them:
+    a settled owner answered 404 for registered devices after a rolling restart
+    (tests/reliability/test_rebalances.py), and fleet totals would skip those partitions.
+    """
+    store = table.data
+    if not isinstance(store, SerializedStore) or not hasattr(store, "_db_for_partition"):
+        return  # the memory store keeps every partition in one dict
+    topic = table.changelog_topic.get_topic_name()
+    for tp in table.app.assignor.assigned_actives():
+        if tp.topic == topic and tp.partition not in store._dbs:
+            store._db_for_partition(tp.partition)
+
+
 async def write_all(*writes: tuple[TableBatch, dict[bytes, tuple[int, bytes | None]]]) -> None:
     """Write each table's batch (concurrently), retrying with jittered backoff while Kafka refuses:
     the caller acknowledges its events only after this returns."""

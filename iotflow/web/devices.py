@@ -34,9 +34,10 @@ from iotflow.measurements import MeasurementReader
 from iotflow.pg import is_transient
 from iotflow.registry import DeviceRegistry
 from iotflow.settings import Settings
+from iotflow.tables.batched import stored
 from iotflow.web.auth import Guard
 from iotflow.web.problems import HEADER, answer, problem, request_id
-from iotflow.web.routing import table_route
+from iotflow.web.routing import key_partition, table_route
 
 PREFIX = "/api/v1/devices"
 
@@ -127,18 +128,22 @@ def register(app: faust.App, settings: Settings, registry: DeviceRegistry, cache
     @table_route(app, table, "device_id")
     async def state(self: View, request: Request, device_id: str) -> Response:
         """The device as this worker's registry table holds it (answered by the partition's owner)."""
-        raw = table.get(device_id.encode())
+        # Read from the key's own partition: Faust's table.get looks only in the partition stores
+        # it opened, and a rebalance can leave owned ones unopened (iotflow/tables/batched.py).
+        key = device_id.encode()
+        partition = key_partition(app, table, key)
+        raw = stored(table, partition, key)
         if raw is None:
             return problem(self, request, 404, "No such device in the registry",
                            f"no device-events applied for {device_id!r} (yet)", device_id=device_id)
         entry = RegistryEntry.decode(raw)
-        seen = presence.get(device_id.encode())
+        seen = stored(presence, partition, key)
         last_seen = datetime.fromtimestamp(int(seen) / 1000, UTC) if seen else None
         online = last_seen is not None and (datetime.now(UTC) - last_seen).total_seconds() <= settings.offline_after_s
         body = {"device_id": device_id, "deleted": entry.deleted, "version": entry.device.get("version"),
                 "status": entry.device.get("status"), "firmware_version": entry.device.get("firmware_version"),
                 "last_seen": last_seen.isoformat() if last_seen else None, "online": online,
-                "metrics": _latest_metrics(latest.get(device_id.encode())),
+                "metrics": _latest_metrics(stored(latest, partition, key)),
                 "events_applied": entry.events, "last_event_seq": entry.seq}
         return self.json(body, headers={HEADER: request_id(request)})
 

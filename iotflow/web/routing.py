@@ -13,8 +13,10 @@ A request Faust's router keeps here is answered only if this worker is the settl
 of the key's partition (:func:`answers_for`): around a rebalance the router's map and the
 assignment disagree for a moment, and a partition just taken over is still being restored — the
 local store would say "no such device" for one that exists (a third worker joining and leaving
-under load showed hundreds of such 404s: tests/reliability/test_rebalances.py). Otherwise 503
-with ``Retry-After: 1``.
+under load showed hundreds of such 404s: tests/reliability/test_rebalances.py). A request that
+arrives during a rebalance waits up to ``SETTLE_WAIT_S`` for it to end (before routing, so the
+router's map is the new one, and on the owner); only then is the answer 503 with
+``Retry-After: 1``.
 """
 from __future__ import annotations
 
@@ -27,6 +29,7 @@ import aiohttp
 import faust
 import structlog
 from faust.exceptions import NotReady
+from faust.types import TP
 from faust.web.exceptions import ServiceUnavailable
 from faust.web import Request, Response, View
 
@@ -36,6 +39,14 @@ from iotflow.web.problems import problem
 log = structlog.get_logger(__name__)
 
 Handler = Callable[..., Awaitable[Response]]
+
+# How long a table-routed request waits for a rebalance (and the restore after it) to end, on the
+# worker asked and again on the owner, before answering 503 with Retry-After: a rebalance of a
+# few workers takes 1-3 s here, so a read arriving during one is answered late rather than refused.
+SETTLE_WAIT_S = 2.5
+# The owner's answer (a forward, or this worker's own handler) is awaited this long at most: a
+# worker that is shutting down can accept a forwarded request and never answer it.
+ROUTED_TIMEOUT_S = SETTLE_WAIT_S + 2.5
 
 
 def table_route(app: faust.App, table: faust.Table, match_info: str) -> Callable[[Handler], Handler]:
@@ -48,8 +59,10 @@ def table_route(app: faust.App, table: faust.Table, match_info: str) -> Callable
             # Faust's router sent the request here, but around a rebalance its map and this
             # worker's assignment disagree for a moment, and a partition just taken over is being
             # restored: the local store would answer "not found" (or an old value) for a key that
-            # exists. Only the settled, active owner answers; anyone else asks for a retry.
-            if not answers_for(app, table, request.match_info.get(match_info, "").encode()):
+            # exists. Only the settled, active owner answers, after waiting a moment for the
+            # rebalance to end; anyone else asks for a retry.
+            key = request.match_info.get(match_info, "").encode()
+            if not await _until(lambda: answers_for(app, table, key), SETTLE_WAIT_S):
                 return _retry_soon(view, request, "Table partition moving",
                                    f"this worker does not hold the partition of {topic} for this key settled "
                                    "(rebalancing or restoring); retry")
@@ -69,8 +82,10 @@ def table_route(app: faust.App, table: faust.Table, match_info: str) -> Callable
                 reload_changelog_metadata(app, table)
                 return _retry_soon(view, request, "Table owner not known yet",
                                    f"this worker has no partition metadata for {topic} yet; retry")
+            # During a rebalance the router's map is the old one: wait (a moment) for the new one.
+            await _until(lambda: not (app.rebalancing or app.in_recovery), SETTLE_WAIT_S)
             try:
-                response = await routed(view, request, *args, **kwargs)
+                response = await asyncio.wait_for(routed(view, request, *args, **kwargs), ROUTED_TIMEOUT_S)
                 if response.status >= 500 and response.status != 503:
                     # Only a forwarded answer arrives as a 5xx response (this worker's own errors are
                     # exceptions): the owner Faust picked could not answer — retry, as for 503.
@@ -98,9 +113,29 @@ def answers_for(app: faust.App, table: faust.Table, key: bytes) -> bool:
     nor restoring tables."""
     if app.rebalancing or app.in_recovery:
         return False
-    topic = table.changelog_topic.get_topic_name()
-    tp = app.producer.key_partition(topic, key)  # a TP, as the router's own lookup uses it
+    tp = _changelog_tp(app, table, key)
     return tp in app.consumer.assignment() and tp not in app.assignor.assigned_standbys()
+
+
+def key_partition(app: faust.App, table: faust.Table, key: bytes) -> int:
+    """The partition of ``table`` that holds ``key`` (the router's own lookup). The device tables
+    are all keyed by device id with the same partition count, so one answer serves them all."""
+    return _changelog_tp(app, table, key).partition
+
+
+def _changelog_tp(app: faust.App, table: faust.Table, key: bytes) -> TP:
+    return app.producer.key_partition(table.changelog_topic.get_topic_name(), key)  # a TP, not an int
+
+
+async def _until(condition: Callable[[], bool], timeout_s: float) -> bool:
+    """Whether ``condition`` holds within ``timeout_s`` (checked every 50 ms)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    while not condition():
+        if loop.time() >= deadline:
+            return False
+        await asyncio.sleep(0.05)
+    return True
 
 
 def _retry_soon(view: View, request: Request, title: str, detail: str) -> Response:

@@ -124,10 +124,6 @@ def _finish(settings, producer: Producer, balancer: PoolBalancer, stored_prefix:
     assert (rows, messages) == (2 * producer.sent, producer.sent)
 
 
-@pytest.mark.xfail(reason="known bug, on the reliability issue: nothing is lost or stored twice, but some device-state "
-                          "reads fail (30 of ~2,000 in the last run): a settled owner of a registry partition answers "
-                          "404 for devices registered before the restart — its restored partition lacks them for a "
-                          "while; not yet found why", strict=False)
 @pytest.mark.timeout(600)
 def test_a_rolling_restart_of_two_workers_fails_no_request_and_loses_nothing(settings, start_worker, run_id, chaos):
     devices, pool, producer, balancer, stored_prefix = _setup(settings, start_worker, run_id, "roll", 2)
@@ -146,10 +142,6 @@ def test_a_rolling_restart_of_two_workers_fails_no_request_and_loses_nothing(set
     assert balancer.failures == [], (len(balancer.failures), balancer.failures[:5])
 
 
-@pytest.mark.xfail(reason="known bug, on the reliability issue: nothing is lost or stored twice, but some device-state "
-                          "reads fail (20 in the last run): 503s that outlast a client's three Retry-After retries "
-                          "while the partitions move, and 404s from a settled owner as in the rolling restart",
-                   strict=False)
 @pytest.mark.timeout(600)
 def test_a_third_worker_joining_and_leaving_loses_nothing_and_views_answer_from_the_new_owners(
         settings, start_worker, run_id, chaos):
