@@ -16,7 +16,6 @@ from __future__ import annotations
 import heapq
 import itertools
 import random
-from collections import deque
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
