@@ -37,6 +37,7 @@ SCENARIOS: dict[str, str] = {
     "rolling-restart": "tests/reliability/test_rebalances.py::test_a_rolling_restart_of_two_workers_fails_no_request_and_loses_nothing",
     "worker-join-leave": "tests/reliability/test_rebalances.py::test_a_third_worker_joining_and_leaving_loses_nothing_and_views_answer_from_the_new_owners",
     "rollout-leader-kill": "tests/reliability/test_rollout_leader_kill.py::test_the_leader_killed_mid_rollout_the_other_worker_finishes_it_without_a_second_command",
+    "rollout-under-faults": "tests/reliability/test_rollout_under_faults.py::test_a_thousand_device_rollout_completes_through_a_leader_kill_and_a_bridge_kill",
 }
 COLUMNS = ("sent", "stored", "lost", "duplicated", "requests", "failed_requests", "recovery_s")
 
