@@ -86,6 +86,8 @@ def create_app(settings: Settings) -> faust.App:
         connect_timeout_s=settings.pg_connect_timeout_s,
         command_timeout_s=settings.pg_command_timeout_s,
     )
+    registry_pool = _api_pool(settings, settings.pg_dsn)
+    registry = DeviceRegistry(registry_pool)
     ingest_pipeline = IngestPipeline(
         sink=sink,
         dlq=topics.sensor_data_dlq(app, settings),
@@ -96,6 +98,7 @@ def create_app(settings: Settings) -> faust.App:
         # Co-partitioned with sensor-data: a device's entry is in its telemetry's partition.
         device_status=lambda partition, key: registry_status(stored(registry_table, partition, key)),
         parked=ParkingLot(wait_s=settings.unknown_device_wait_s, max_messages=settings.unknown_device_max_parked),
+        confirm=registry.confirm,  # devices the table does not know yet, asked of PostgreSQL
         limits=Limits(
             max_clock_skew=timedelta(seconds=settings.max_clock_skew_s),
             retention=timedelta(days=settings.retention_days),
@@ -108,7 +111,6 @@ def create_app(settings: Settings) -> faust.App:
     if settings.jwt_secret == DEV_JWT_SECRET:
         log.warning("jwt_development_secret", detail="IOTFLOW_JWT_SECRET is the development default: "
                     "anyone can mint tokens; set a secret of your own outside development")
-    registry_pool = _api_pool(settings, settings.pg_dsn)
     measurements_pool = _api_pool(settings, settings.tsdb_dsn)
     reader = MeasurementReader(measurements_pool)
     health.register(app)
@@ -119,7 +121,6 @@ def create_app(settings: Settings) -> faust.App:
                         request_timeout_s=settings.kafka_request_timeout_s)
     cache = DeviceCache(client_for(settings.redis_url, timeout_s=settings.redis_timeout_s),
                         timeout_s=settings.redis_timeout_s, ttl_s=settings.cache_ttl_s)
-    registry = DeviceRegistry(registry_pool)
     presence_table = device_tables.presence(app, settings)
     device_agents.register(app, settings, registry_table=registry_table, presence=presence_table,
                            registry=registry, relay=relay, cache=cache)

@@ -29,6 +29,7 @@ SCENARIOS: dict[str, str] = {
     "thundering-herd": "tests/reliability/test_thundering_herd.py::test_five_thousand_devices_reconnecting_at_once_lose_nothing",
     "mosquitto-restart": "tests/reliability/test_mqtt_broker_restart.py::test_a_broker_restart_under_load_loses_nothing",
     "hostile-input-storm": "tests/reliability/test_hostile_input.py::test_a_storm_of_hostile_payloads_ends_in_the_dlq_or_a_4xx_and_valid_traffic_is_untouched",
+    "registration-storm": "tests/reliability/test_registration_storm.py::test_five_thousand_devices_registering_while_they_send_lose_nothing_to_the_dlq",
     "duplicate-storm": "tests/reliability/test_duplicate_storm.py::test_thirty_percent_duplicates_store_no_row_twice",
     "postgres-failover": "tests/reliability/test_postgres_failover.py::test_the_primary_killed_and_its_replica_promoted_loses_no_committed_message",
     "redis-stop": "tests/reliability/test_redis_outage.py::test_reads_survive_a_redis_outage_and_use_the_cache_again_after",

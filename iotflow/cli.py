@@ -331,9 +331,9 @@ def chaos(scenarios: tuple[str, ...], no_doc: bool) -> None:
 
     \b
     Scenarios: worker-kill, worker-kill-exactly-once, postgres-stop, bridge-kill, kafka-restart,
-    kafka-broker-kill, thundering-herd, mosquitto-restart, hostile-input-storm, duplicate-storm,
-    postgres-failover, redis-stop, redis-sentinel-failover, worker-sigterm, rolling-restart,
-    worker-join-leave, rollout-leader-kill, rollout-under-faults.
+    kafka-broker-kill, thundering-herd, mosquitto-restart, hostile-input-storm, registration-storm,
+    duplicate-storm, postgres-failover, redis-stop, redis-sentinel-failover, worker-sigterm,
+    rolling-restart, worker-join-leave, rollout-leader-kill, rollout-under-faults.
 
     Run from a checkout, with `iotflow stack up`.
     """

@@ -8,6 +8,7 @@ import sys
 import time
 from pathlib import Path
 
+import asyncpg
 import pytest
 
 from iotflow.testing import (
@@ -156,6 +157,41 @@ def test_an_exactly_once_worker_stores_through_kafka_transactions(settings, star
     accounts = wait_until_stored(worker, {d: 10 for d in devices})
     assert all(a["stored"] == 10 and a["received"] == 10 for a in accounts.values())
     assert worker.terminate() == 0
+
+
+def test_telemetry_of_devices_only_postgresql_knows_yet_is_decided_without_waiting_out_its_time(
+    settings, start_worker, run_id
+):
+    # The registry table learns registrations from device-events, which the fetcher delivering
+    # telemetry delivers too: a full parking lot stops the ingest agent, its full buffer blocks the
+    # fetcher, and no registration arrives. Waiting telemetry therefore asks PostgreSQL as well. Here
+    # the devices exist only there (inserted without an outbox event, so the table never learns them).
+    known, gone = f"pgonly-{run_id}", f"pgonly-deleted-{run_id}"
+    asyncio.run(_insert_without_events(settings, {known: False, gone: True}))
+    worker = start_worker(IOTFLOW_UNKNOWN_DEVICE_WAIT_S="120")
+    worker.wait_ready()
+    sent = {d: [(d.encode(), telemetry(d, seq)) for seq in range(10)] for d in (known, gone)}
+    started = time.monotonic()
+    asyncio.run(produce(settings, sent[known] + sent[gone]))
+
+    accounts = wait_until_received(worker, {known: 10, gone: 10}, timeout=60)
+    assert time.monotonic() - started < 60  # decided long before the 120 s wait ran out
+    assert (accounts[known]["accepted"], accounts[known]["rejected"]) == (10, 0)
+    assert (accounts[gone]["accepted"], accounts[gone]["rejected"], accounts[gone]["stored"]) == (0, 10, 0)
+    assert wait_until_stored(worker, {known: 10})[known]["stored"] == 10
+    kinds = dlq_kinds(settings)
+    assert sorted(r.value for r in kinds[b"deleted_device"]) == sorted(v for _, v in sent[gone])
+    assert b"unknown_device" not in kinds
+
+
+async def _insert_without_events(settings, deleted: dict[str, bool]) -> None:
+    conn = await asyncpg.connect(settings.pg_dsn, timeout=10)
+    try:
+        await conn.executemany("INSERT INTO devices (id, name, type, deleted_at) "
+                               "VALUES ($1, $1, 'sensor', CASE WHEN $2 THEN now() END)",
+                               list(deleted.items()))
+    finally:
+        await conn.close()
 
 
 def test_a_bad_setting_stops_the_worker_with_one_line_naming_it(tmp_path: Path):
