@@ -40,7 +40,7 @@ SCENARIOS: dict[str, str] = {
     "rollout-leader-kill": "tests/reliability/test_rollout_leader_kill.py::test_the_leader_killed_mid_rollout_the_other_worker_finishes_it_without_a_second_command",
     "rollout-under-faults": "tests/reliability/test_rollout_under_faults.py::test_a_thousand_device_rollout_completes_through_a_leader_kill_and_a_bridge_kill",
 }
-COLUMNS = ("sent", "stored", "lost", "duplicated", "requests", "failed_requests", "recovery_s")
+COLUMNS = ("sent", "stored", "lost", "duplicated", "dlq", "requests", "failed_requests", "recovery_s")
 
 
 def run(root: Path, names: list[str]) -> tuple[int, list[dict[str, object]]]:
@@ -104,7 +104,8 @@ def write_doc(root: Path, command: str, rows: list[dict[str, object]]) -> Path:
         "# Reliability: faults injected into the real stack, and what they cost\n\n"
         f"Produced by `{command}` on {datetime.now(UTC):%Y-%m-%d %H:%M} UTC, on the local stack of this "
         "2-core machine (iotflow/chaos.py; each scenario is a test in `tests/reliability/`, which CI "
-        "runs too). *sent*/*stored*/*lost*/*duplicated* count distinct messages in the database; "
+        "runs too). *sent*/*stored*/*lost*/*duplicated* count distinct messages in the database; *dlq* "
+        "the records in the scenario's dead-letter topic (the hostile-input storm's payloads, for one); "
         "*requests*/*failed_requests* are API calls made during the fault; *recovery_s* is the time "
         "from the end of the fault to everything stored (worker-sigterm: from SIGTERM to the clean "
         "exit; redis-sentinel-failover: from the kill to the promotion; postgres-failover: from the "

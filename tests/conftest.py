@@ -15,7 +15,7 @@ from iotflow.kafka_admin import delete_topics_with_prefix, ensure_topics
 from iotflow.migrate import migrator
 from iotflow.settings import Settings
 from iotflow.stack import services
-from iotflow.testing import WorkerProcess, free_port
+from iotflow.testing import WorkerProcess, dlq_messages, free_port
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -113,12 +113,19 @@ def start_module_worker(stack: Settings, tmp_path_factory: pytest.TempPathFactor
 
 
 @pytest.fixture
-def chaos(request: pytest.FixtureRequest) -> Callable[..., None]:
-    """Record a fault scenario's figures (messages sent, stored, lost, duplicated; API requests and
-    failures; recovery time) for `iotflow chaos`, which sets PYTEST_IOTFLOW_CHAOS_REPORT; a no-op otherwise."""
+def chaos(request: pytest.FixtureRequest, settings: Settings) -> Callable[..., None]:
+    """Record a fault scenario's figures (messages sent, stored, lost, duplicated, in the DLQ; API
+    requests and failures; recovery time) for `iotflow chaos`, which sets PYTEST_IOTFLOW_CHAOS_REPORT;
+    a no-op otherwise. ``dlq`` defaults to the records in this test's DLQ topic (a scenario on Kafka
+    brokers of its own counts its own)."""
     def record(**figures: object) -> None:
         path = os.environ.get("PYTEST_IOTFLOW_CHAOS_REPORT")
         if path:
+            if "dlq" not in figures:
+                try:
+                    figures["dlq"] = len(asyncio.run(dlq_messages(settings)))
+                except Exception as exc:  # noqa: BLE001 - a figure left blank, the scenario's verdict stands
+                    print(f"could not count the DLQ of {settings.topic_prefix}: {exc!r}")
             with open(path, "a") as report:
                 report.write(json.dumps({"test": request.node.nodeid, **figures}) + "\n")
     return record

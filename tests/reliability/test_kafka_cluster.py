@@ -15,7 +15,7 @@ import pytest
 from iotflow.kafka_admin import ensure_topics
 from iotflow.stack import services
 from iotflow.stack.kafka_cluster import KafkaCluster
-from iotflow.testing import produce, register, stored_messages, telemetry, wait_for
+from iotflow.testing import dlq_messages, produce, register, stored_messages, telemetry, wait_for
 
 DEVICES = 20
 PER_DEVICE = 1000
@@ -61,7 +61,7 @@ def test_a_broker_of_three_killed_under_load_loses_nothing_and_stalls_only_for_t
         rows, messages = asyncio.run(stored_messages(own, prefix))
         stall = longest_stall(progress, total)
         chaos(fault="one of three Kafka brokers kill -9 (RF 3, min ISR 2) under load", sent=total, stored=messages,
-              lost=total - messages, duplicated=rows // 2 - messages,
+              lost=total - messages, duplicated=rows // 2 - messages, dlq=len(asyncio.run(dlq_messages(own))),
               recovery_s=round(progress[-1][0] - killed, 1), longest_stall_s=round(stall, 1))
         assert not sender.is_alive(), "the producer did not finish: acks=all with two of three brokers must go on"
         assert (rows, messages) == (2 * total, total)

@@ -20,11 +20,11 @@ def test_every_scenario_names_a_test_that_exists_and_records_its_figures():
 
 def test_the_table_has_a_row_per_scenario_and_says_whether_it_held():
     rows = [{"scenario": "worker-kill", "fault": "worker kill -9 ×3", "sent": 102000, "stored": 100000, "lost": 0,
-             "duplicated": 0, "recovery_s": 41.5, "passed": True},
+             "duplicated": 0, "dlq": 0, "recovery_s": 41.5, "passed": True},
             {"scenario": "redis-stop", "fault": "(no figures: it failed before them)", "passed": False}]
     text = table(rows).splitlines()
-    assert text[0].startswith("| scenario | fault | sent | stored | lost | duplicated |")
-    assert text[2] == "| worker-kill | worker kill -9 ×3 | 102000 | 100000 | 0 | 0 |  |  | 41.5 | yes |"
+    assert text[0].startswith("| scenario | fault | sent | stored | lost | duplicated | dlq |")
+    assert text[2] == "| worker-kill | worker kill -9 ×3 | 102000 | 100000 | 0 | 0 | 0 |  |  | 41.5 | yes |"
     assert text[3].endswith("| NO |")
 
 
