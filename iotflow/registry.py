@@ -56,20 +56,14 @@ class DeviceRegistry:
                     f"the device registry's database is not answering: {exc.__class__.__name__}: {exc}") from exc
             raise
 
-    async def deletion_states(self, ids: list[str]) -> dict[str, bool]:
-        """Of ``ids``, those PostgreSQL has: whether each is deleted (one query for them all)."""
-        async with self.connection() as conn:
-            rows = await conn.fetch("SELECT id, deleted_at IS NOT NULL AS deleted FROM devices "
-                                    "WHERE id = ANY($1::text[])", ids)
-        return {row["id"]: row["deleted"] for row in rows}
-
     async def confirm(self, keys: list[bytes]) -> dict[bytes, DeviceStatus]:
         """The status PostgreSQL — the registry's source of truth — gives the devices of ``keys``
-        (telemetry message keys) that it has; the others are left out (still unknown)."""
+        (telemetry message keys) that it has, in one query; the others are left out (still unknown)."""
         by_id = {key.decode(errors="replace"): key for key in keys}
-        states = await self.deletion_states(list(by_id))
-        return {by_id[device_id]: DeviceStatus.DELETED if deleted else DeviceStatus.REGISTERED
-                for device_id, deleted in states.items() if device_id in by_id}
+        async with self.connection() as conn:
+            rows = await conn.fetch("SELECT id, deleted_at IS NOT NULL AS deleted FROM devices "
+                                    "WHERE id = ANY($1::text[])", list(by_id))
+        return {by_id[row["id"]]: DeviceStatus.DELETED if row["deleted"] else DeviceStatus.REGISTERED for row in rows}
 
     async def register(self, registration: Registration) -> tuple[Device, bool]:
         """The device and whether this call created it."""
