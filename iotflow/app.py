@@ -31,7 +31,7 @@ from iotflow.sinks.timescale import MeasurementSink
 from iotflow.tables import devices as device_tables, ingest as ingest_tables
 from iotflow.tables.batched import TableBatch, stored, warm_changelog_metadata
 from iotflow.telemetry import Limits
-from iotflow.transport import Transport
+from iotflow.transport import FlowControl, Transport
 from iotflow.worker import Worker as DrainingWorker
 from iotflow.web import devices, firmware as firmware_views, flags as flag_views, health, ingest as ingest_views, openapi, pipeline
 from iotflow.web.auth import Guard
@@ -76,6 +76,7 @@ def create_app(settings: Settings) -> faust.App:
         Worker=type("Worker", (DrainingWorker,), {"drain_s": settings.shutdown_drain_s}),
     )
     app.transport = Transport(app.conf.broker_consumer, app)
+    app.flow_control = FlowControl(loop=app.loop)  # before any stream's queue registers with it
     marks = ingest_tables.marks(app, settings)
     accounts = ingest_tables.accounts(app, settings)
     latest = ingest_tables.latest(app, settings)

@@ -284,15 +284,15 @@ async def topic_messages(settings: Settings, topic: str, timeout_ms: int = 5000)
     return found
 
 
-async def committed_offsets(settings: Settings) -> dict[int, int]:
-    """The consumer group's committed offsets of this test's sensor-data, by partition."""
+async def committed_offsets(settings: Settings, topic: str = topics.SENSOR_DATA) -> dict[int, int]:
+    """The consumer group's committed offsets of this test's ``topic`` (sensor-data), by partition."""
     admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap)
     await admin.start()
     try:
         offsets = await admin.list_consumer_group_offsets(settings.app_id)
     finally:
         await admin.close()
-    topic = topics.name(settings, topics.SENSOR_DATA)
+    topic = topics.name(settings, topic)
     return {tp.partition: found.offset for tp, found in offsets.items() if tp.topic == topic and found.offset >= 0}
 
 

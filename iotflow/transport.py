@@ -27,7 +27,18 @@ after the third rewind to the same offset). Under ``exactly_once`` records are s
 stored: a range the killed worker had stored, skipped by its successor, committed past — its
 accounts never counted it), so they are read again too; a topic written in transactions
 also has offsets taken by transaction markers and aborted records: a jump over them comes back
-the same three times and is then accepted as a gap, logged at info level.
+the same three times and is then accepted as a gap, logged at info level. A batch cut short at a
+partition's tail shows no jump until a later record arrives in that partition — maybe never (the
+last firmware reports of a rollout). So after each batch the fetcher compares aiokafka's fetch
+position of every source partition with the last offset delivered and rewinds the same way.
+
+And it delivers nothing while Faust seeks to the committed offsets after a rebalance: the table
+recovery resumes the flow and the partitions *before* that seek, so records fetched while it runs
+would be read again from where it sets reading anyway. A partition nobody has committed yet is
+read from its start again (Faust's seek leaves it where the fetcher got to), and the position
+check counts such a partition as read up to offset -1, so it is read from the start even if that
+seek failed. (:class:`FlowControl`, below, is the other half: what the streams were handed must
+not be thrown away when the flow resumes.)
 
 It also refuses a commit past an offset that was never acknowledged. Faust's ``_new_offset``
 checks the head of the acknowledged offsets against the committed one with an off-by-one
@@ -50,16 +61,18 @@ tests/integration/test_worker.py runs every worker through it.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any, cast
 
 import structlog
+from aiokafka import TopicPartition
 from aiokafka.errors import IllegalStateError, KafkaError
 
 from faust.transport.consumer import CONSUMER_FETCHING
 from faust.transport.drivers import aiokafka as faust_aiokafka
 from faust.types import TP
 from intervaltree import IntervalTree
+from mode.utils.queues import FlowControlEvent
 
 from iotflow.kafka_admin import wait_visible
 
@@ -92,14 +105,38 @@ def rewind_count(previous: tuple[int, int] | None, missing_from: int) -> int:
     return 1
 
 
+def passed_undelivered(read: int | None, position: int | None) -> bool:
+    """Whether the consumer's fetch ``position`` (the next offset it will fetch) has passed offsets
+    after ``read`` (the last delivered) that were never delivered. None: nothing to compare."""
+    return read is not None and position is not None and position > read + 1
+
+
 def _report(transactional: bool, event: str, **fields: Any) -> None:
     """A rewind or an accepted gap: a warning without transactions (skipped records, a truncated
     log), routine under ``exactly_once`` (transaction markers take offsets of transactional topics)."""
     (log.info if transactional else log.warning)(event, **fields)
 
 
+class FlowControl(FlowControlEvent):
+    """Faust's ``app.flow_control`` without the clearing of every stream's buffer on ``resume``.
+
+    mode's ``FlowControlEvent.resume`` empties the queues it manages. Faust suspends and clears
+    them itself when partitions are revoked, and seeks to the committed offsets afterwards, so
+    the clear on resume adds nothing there — but the table recovery resumes twice (once when it
+    starts or finds nothing to restore, once when it completes), and the second resume threw away
+    records delivered since the first: read, never processed, never acknowledged. The partition's
+    commits then stalled behind them, and their firmware reports were never applied (found in the
+    rollout leader-kill test by logging every clear with its stack: ``on_recovery_completed`` →
+    ``flow_control.resume()``)."""
+
+    def resume(self) -> None:
+        self._suspend.clear()
+        self._resume.set()
+
+
 class Consumer(faust_aiokafka.Consumer):
     _first_delivered: dict[TP, int]
+    _seeking = False
 
     def _new_offset(self, tp: TP) -> int | None:
         acked = self._acked[tp]
@@ -110,6 +147,34 @@ class Consumer(faust_aiokafka.Consumer):
             if head_blocked(min(acked), expected, self._gap[tp]):
                 return None
         return super()._new_offset(tp)
+
+    def _passed_tails(self, acking: Callable[[str], bool],
+                      rewound: set[TP]) -> list[tuple[TP, int, int]]:
+        """Source partitions whose fetch position has passed records never delivered, as
+        (partition, last delivered offset, position). A batch cut short with no later record in
+        the partition would not show the jump to the delivery loop. Read from aiokafka's fetch
+        state (the consumer thread sets it while fetching, which has returned for this batch)."""
+        try:
+            assignment = self._thread._ensure_consumer()._subscription.subscription.assignment
+        except AttributeError:
+            return []  # no subscription yet, or one being replaced by a rebalance
+        if assignment is None or not assignment.active:
+            return []
+        read_offsets = self._read_offset
+        passed = []
+        for tp in list(assignment.tps):
+            if tp in rewound or not acking(tp.topic):
+                continue
+            state = assignment.state_value(tp)
+            if state is None or not state.has_valid_position or state.paused:
+                continue
+            ftp = TP(tp.topic, tp.partition)
+            read, position = read_offsets.get(ftp), state.position
+            if read is None and not self._committed_offset.get(ftp):
+                read = -1  # nothing committed, nothing delivered: everything from the start is unread
+            if passed_undelivered(read, position):
+                passed.append((ftp, read, position))
+        return passed
 
     async def subscribe(self, topics: Iterable[str]) -> None:
         names = sorted(set(topics))
@@ -122,16 +187,36 @@ class Consumer(faust_aiokafka.Consumer):
         await super().subscribe(names)
 
     async def perform_seek(self) -> None:
-        self._first_delivered = {}  # a new assignment: reading starts again from the committed offsets
-        await super().perform_seek()
-        # Faust sets the read offset to the committed one, the offset to read *next*, where after a
-        # delivery it holds the offset delivered: a first record one past it would not look like a
-        # jump. Hold the offset before it, so the fetcher sees any record missing after the seek.
-        read_offsets = self._read_offset
-        for tp in self.assignment():
-            read = read_offsets.get(tp)
-            if read:
-                read_offsets[tp] = read - 1
+        self._seeking = True  # the fetcher delivers nothing until reading starts again from here
+        try:
+            self._first_delivered = {}  # a new assignment: reading starts again from the committed offsets
+            await super().perform_seek()
+            # Faust sets the read offset to the committed one, the offset to read *next*, where after a
+            # delivery it holds the offset delivered: a first record one past it would not look like a
+            # jump. Hold the offset before it, so the fetcher sees any record missing after the seek.
+            read_offsets = self._read_offset
+            never_committed = []
+            for tp in self.assignment():
+                read = read_offsets.get(tp)
+                if read:
+                    read_offsets[tp] = read - 1
+                elif self.app.topics.acks_enabled_for(tp.topic) and not self._committed_offset.get(tp):
+                    never_committed.append(tp)
+            # Faust's seek leaves a partition nobody committed where the fetcher got to, past anything
+            # fetched while the recovery had resumed the flow: read it from its start again.
+            if never_committed:
+                try:
+                    await self._thread.seek_to_beginning(*(TopicPartition(tp.topic, tp.partition)
+                                                           for tp in never_committed))
+                except IllegalStateError as exc:
+                    # Revoked meanwhile (a rebalance seeks again); else the fetcher's check of its
+                    # position against what it delivered reads them from the start.
+                    log.warning("seek_to_beginning_failed", error=str(exc))
+                    return
+                for tp in never_committed:
+                    read_offsets[tp] = None
+        finally:
+            self._seeking = False
 
     async def _drain_messages(self, fetcher: Any) -> None:  # the fetcher task's loop
         deliver = self.callback
@@ -150,15 +235,44 @@ class Consumer(faust_aiokafka.Consumer):
         def stopping() -> bool:
             return self._stopped.is_set() or cast(Any, fetcher)._stopped.is_set()
 
+        async def rewind(tp: TP, read: int, upto: int, event: str) -> bool:
+            """Offsets ``read + 1`` to ``upto - 1`` were passed undelivered: read them again (True),
+            or, after ``REWINDS_PER_OFFSET`` tries, take them for a gap commits may pass (False)."""
+            times = rewind_count(rewinds.get(tp), read + 1)
+            if times <= REWINDS_PER_OFFSET:
+                # The records between may have been fetched but never delivered (seen after a
+                # takeover: Faust's getmany ends a batch early — flow stopped, generation changed,
+                # partition not active — once aiokafka's position has passed them). A gap would let
+                # commits pass them unprocessed: read them again; markers come back as the same jump.
+                _report(transactional, event, topic=tp.topic, partition=tp.partition,
+                        from_offset=read + 1, to_offset=upto, times=times)
+                rewinds[tp] = (read + 1, times)
+                rewound.add(tp)
+                try:
+                    await self.seek(tp, read + 1)
+                except IllegalStateError:
+                    return True  # revoked meanwhile: its next owner reads from the committed offset
+                read_offsets[tp] = read if read >= 0 else None  # the last delivered: a record missing again shows
+                return True
+            # A log truncated under the reader, or (in transactional topics) markers.
+            _report(transactional, "fetch_gap_accepted", topic=tp.topic, partition=tp.partition,
+                    from_offset=read + 1, to_offset=upto)
+            await self._add_gap(tp, read + 1, upto)
+            return False
+
+        rewound: set[TP] = set()
         try:
             while not stopping():
                 self.diag.set_flag(CONSUMER_FETCHING)
+                batch_generation = self.app.consumer_generation_id
                 records = self.getmany(timeout=1.0)
-                rewound: set[TP] = set()
+                rewound = set()
                 await asyncio.sleep(0)
                 if self.should_stop:
                     continue
                 async for tp, message in records:
+                    if self._seeking:
+                        continue  # fetched before the seek: read again from where it sets reading
                     since_yield += 1
                     if since_yield >= _YIELD_EVERY:
                         since_yield = 0
@@ -170,27 +284,8 @@ class Consumer(faust_aiokafka.Consumer):
                     if tp in rewound:
                         continue  # read again from where it was rewound to
                     if read is not None and offset - read > 1 and acking(message.topic):
-                        times = rewind_count(rewinds.get(tp), read + 1)
-                        if times <= REWINDS_PER_OFFSET:
-                            # The records between may have been fetched but never delivered (seen
-                            # after a takeover: Faust's getmany ends a batch early — flow stopped,
-                            # generation changed, partition not active — once aiokafka's position
-                            # has passed them). A gap would let commits pass them unprocessed: read
-                            # them again; markers come back as the same jump.
-                            _report(transactional, "fetch_rewound", topic=tp.topic, partition=tp.partition,
-                                    from_offset=read + 1, to_offset=offset, times=times)
-                            rewinds[tp] = (read + 1, times)
-                            rewound.add(tp)
-                            try:
-                                await self.seek(tp, read + 1)
-                            except IllegalStateError:
-                                continue  # revoked meanwhile: its next owner reads from the committed offset
-                            read_offsets[tp] = read  # the last delivered: a record missing again shows
+                        if await rewind(tp, read, offset, "fetch_rewound"):
                             continue
-                        # A log truncated under the reader, or (in transactional topics) markers.
-                        _report(transactional, "fetch_gap_accepted", topic=tp.topic, partition=tp.partition,
-                                from_offset=read + 1, to_offset=offset)
-                        await self._add_gap(tp, read + 1, offset)
                     if tp not in self._first_delivered:
                         self._first_delivered[tp] = offset
                     if self._commit_every is not None and self._n_acked >= self._commit_every:
@@ -218,6 +313,11 @@ class Consumer(faust_aiokafka.Consumer):
                         read_offsets[tp] = offset
                     # else the delivery waited on a full stream buffer through a rebalance, whose
                     # seek to the committed offsets has set where reading goes on: keep that.
+                if (self.flow_active and not suspended.is_set() and not stopping()
+                        and self.app.consumer_generation_id == batch_generation):
+                    for tp, read, position in self._passed_tails(acking, rewound):
+                        if not await rewind(tp, read, position, "fetch_tail_rewound"):
+                            read_offsets[tp] = position - 1  # the gap is recorded: go on after it
                 self.diag.unset_flag(CONSUMER_FETCHING)
         except self.consumer_stopped_errors:
             if not self.transport.app.should_stop:

@@ -67,6 +67,10 @@ def register(app: faust.App, settings: Settings, store: RolloutStore, orchestrat
                     await asyncio.sleep(_RETRY_S)
             if outcome is not None:
                 metrics.FIRMWARE_REPORTS.labels(outcome).inc()
+                if outcome in ("stale", "unknown"):  # rare: a late report of a retried command, a deleted rollout
+                    log.info("firmware_report_ignored", outcome=outcome, device_id=report.device_id,
+                             rollout_id=report.rollout_id, state=report.state.value,
+                             partition=event.message.partition, offset=event.message.offset)
 
     @app.timer(settings.rollout_tick_s, name="iotflow.rollouts.orchestrator", on_leader=True)
     async def orchestrate() -> None:

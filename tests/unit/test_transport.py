@@ -1,8 +1,9 @@
 from __future__ import annotations
 
 from intervaltree import IntervalTree
+from mode.utils.queues import FlowControlQueue
 
-from iotflow.transport import REWINDS_PER_OFFSET, head_blocked, rewind_count
+from iotflow.transport import REWINDS_PER_OFFSET, FlowControl, head_blocked, passed_undelivered, rewind_count
 
 
 def test_a_single_unacknowledged_offset_right_after_the_committed_one_blocks_the_commit():
@@ -31,3 +32,22 @@ def test_a_jump_is_read_again_a_bounded_number_of_times_per_offset():
     assert rewind_count((10, 1), 10) == 2
     assert rewind_count((10, REWINDS_PER_OFFSET), 10) == REWINDS_PER_OFFSET + 1  # then a gap
     assert rewind_count((10, REWINDS_PER_OFFSET), 57) == 1  # another offset starts again
+
+
+def test_a_fetch_position_past_the_last_delivered_offset_is_a_passed_tail():
+    assert passed_undelivered(read=27, position=30)  # 28 and 29 fetched, never delivered
+    assert not passed_undelivered(read=27, position=28)  # everything fetched was delivered
+    assert not passed_undelivered(read=None, position=30)  # nothing delivered to compare with
+    assert not passed_undelivered(read=27, position=None)  # position being reset
+
+
+def test_resuming_the_flow_keeps_what_the_streams_have_not_read_yet():
+    flow = FlowControl()
+    queue = FlowControlQueue(maxsize=10, flow_control=flow, clear_on_resume=True)  # as Faust's channels
+    queue.put_nowait("offset 16")
+    flow.resume()  # the table recovery's second resume: mode's would empty the queue
+    assert flow.is_active() and queue.qsize() == 1
+    flow.suspend()
+    assert not flow.is_active()
+    flow.clear()  # Faust's own clear when partitions are revoked still empties it
+    assert queue.qsize() == 0
