@@ -137,6 +137,8 @@ class FlowControl(FlowControlEvent):
 class Consumer(faust_aiokafka.Consumer):
     _first_delivered: dict[TP, int]
     _seeking = False
+    # (consumer generation, source partitions without a committed offset) as of the last seek
+    _never_committed: tuple[int, frozenset[TP]] = (-1, frozenset())
 
     def _new_offset(self, tp: TP) -> int | None:
         acked = self._acked[tp]
@@ -161,6 +163,10 @@ class Consumer(faust_aiokafka.Consumer):
         if assignment is None or not assignment.active:
             return []
         read_offsets = self._read_offset
+        paused = self._paused_partitions  # Faust's own pause (table recovery): not read, nothing to compare
+        generation, never_committed = self._never_committed
+        if generation != self.app.consumer_generation_id:
+            never_committed = frozenset()  # the last seek was for another assignment
         passed = []
         for tp in list(assignment.tps):
             if tp in rewound or not acking(tp.topic):
@@ -169,8 +175,10 @@ class Consumer(faust_aiokafka.Consumer):
             if state is None or not state.has_valid_position or state.paused:
                 continue
             ftp = TP(tp.topic, tp.partition)
+            if ftp in paused:
+                continue
             read, position = read_offsets.get(ftp), state.position
-            if read is None and not self._committed_offset.get(ftp):
+            if read is None and ftp in never_committed and not self._committed_offset.get(ftp):
                 read = -1  # nothing committed, nothing delivered: everything from the start is unread
             if passed_undelivered(read, position):
                 passed.append((ftp, read, position))
@@ -204,6 +212,7 @@ class Consumer(faust_aiokafka.Consumer):
                     never_committed.append(tp)
             # Faust's seek leaves a partition nobody committed where the fetcher got to, past anything
             # fetched while the recovery had resumed the flow: read it from its start again.
+            self._never_committed = (self.app.consumer_generation_id, frozenset(never_committed))
             if never_committed:
                 try:
                     await self._thread.seek_to_beginning(*(TopicPartition(tp.topic, tp.partition)
@@ -313,7 +322,7 @@ class Consumer(faust_aiokafka.Consumer):
                         read_offsets[tp] = offset
                     # else the delivery waited on a full stream buffer through a rebalance, whose
                     # seek to the committed offsets has set where reading goes on: keep that.
-                if (self.flow_active and not suspended.is_set() and not stopping()
+                if (self.flow_active and not suspended.is_set() and not stopping() and not self._seeking
                         and self.app.consumer_generation_id == batch_generation):
                     for tp, read, position in self._passed_tails(acking, rewound):
                         if not await rewind(tp, read, position, "fetch_tail_rewound"):
