@@ -11,6 +11,7 @@ from datetime import timedelta
 
 from iotflow import logs, observability, topics
 from iotflow.agents import devices as device_agents, firmware as firmware_agents, ingest
+from iotflow.archive import Archive, Archiver
 from iotflow.cache import DeviceCache, client_for
 from iotflow.commands import CommandPublisher
 from iotflow.dedup import DeviceAccount, LatestValues, Mark
@@ -20,6 +21,7 @@ from iotflow.firmware import FirmwareCatalogue
 from iotflow.flags import Flags
 from iotflow.ingest import IngestPipeline
 from iotflow.measurements import MeasurementReader
+from iotflow.objectstore import ObjectStore
 from iotflow.orchestrator import Orchestrator
 from iotflow.outbox import OutboxRelay
 from iotflow.parking import ParkingLot
@@ -107,13 +109,16 @@ def create_app(settings: Settings) -> faust.App:
         batch_size=settings.sink_batch_size,
         dedup_window_s=settings.dedup_window_s,
     )
-    ingest.register(app, settings, ingest_pipeline, sink)
+    archive_store = ObjectStore.from_settings(settings) if settings.archive_location else None
+    ingest.register(app, settings, ingest_pipeline, sink,
+                    Archiver(settings, archive_store, spool=settings.archive_spool_dir) if archive_store else None)
     guard = Guard(settings)
     if settings.jwt_secret == DEV_JWT_SECRET:
         log.warning("jwt_development_secret", detail="IOTFLOW_JWT_SECRET is the development default: "
                     "anyone can mint tokens; set a secret of your own outside development")
     measurements_pool = _api_pool(settings, settings.tsdb_dsn)
-    reader = MeasurementReader(measurements_pool)
+    reader = MeasurementReader(measurements_pool, Archive(archive_store) if archive_store else None,
+                               settings.retention_days)
     health.register(app)
     pipeline.register(app, settings, accounts, reader, guard)
     ingest_views.register(app, settings, guard)

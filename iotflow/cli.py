@@ -323,6 +323,92 @@ def cache_flush() -> None:
     click.echo(f"removed {asyncio.run(flush())} cached device record(s)")
 
 
+@main.group()
+def archive() -> None:
+    """The cold tier: days past the hot window as Parquet in object storage (docs/archive.md)."""
+
+
+def _day(_ctx: click.Context, _param: click.Parameter, value: str | None):
+    from datetime import date
+
+    if value is None:
+        return None
+    try:
+        return date.fromisoformat(value)
+    except ValueError:
+        raise click.BadParameter(f"{value!r} is not a date (YYYY-MM-DD, UTC)") from None
+
+
+@archive.command("run")
+def archive_run() -> None:
+    """Archive, verify and drop every day past the hot window; delete archived days past the keep time."""
+    import json
+
+    import asyncpg
+
+    from iotflow.archive import ArchiveError, Archiver
+    from iotflow.objectstore import ObjectStore
+
+    settings = _settings()
+    if settings.archive_location is None:
+        raise click.ClickException("the archive is switched off (IOTFLOW_ARCHIVE_URL=none): nothing to run")
+    try:
+        report = asyncio.run(Archiver(settings, ObjectStore.from_settings(settings),
+                                      spool=settings.archive_spool_dir).run())
+    except ArchiveError as exc:
+        raise click.ClickException(f"archive run stopped ({exc.stage}): {exc}") from None
+    except (OSError, asyncpg.PostgresError) as exc:
+        raise click.ClickException(f"archive run could not reach the database: {exc}") from None
+    if report.busy:
+        raise click.ClickException("another archive run holds the lock (the leader worker's, or another command's)")
+    click.echo(json.dumps(report.as_dict(), indent=2))
+
+
+@archive.command("restore")
+@click.option("--from", "first", required=True, callback=_day, help="first day to restore (YYYY-MM-DD, UTC)")
+@click.option("--to", "last", required=True, callback=_day, help="last day to restore, inclusive")
+@click.option("--devices", default=None, help="only these devices (comma-separated ids)")
+def archive_restore(first, last, devices: str | None) -> None:
+    """Load archived days into sensor_measurements_restored (checksums verified; rows already there are kept)."""
+    import json
+
+    import asyncpg
+
+    from iotflow.archive import ArchiveError, restore
+    from iotflow.objectstore import ObjectStore
+
+    settings = _settings()
+    if last < first:
+        raise click.BadParameter("--to is before --from", param_hint="--to")
+    wanted = [d.strip() for d in devices.split(",") if d.strip()] if devices else None
+    try:
+        report = asyncio.run(restore(settings, ObjectStore.from_settings(settings), first, last, wanted))
+    except ArchiveError as exc:
+        raise click.ClickException(str(exc)) from None
+    except (OSError, asyncpg.PostgresError) as exc:
+        raise click.ClickException(f"restore could not reach the database: {exc}") from None
+    click.echo(json.dumps(report.as_dict(), indent=2))
+
+
+@archive.command("list")
+def archive_list() -> None:
+    """The archived days: rows, time span, parts and bytes, one JSON line each."""
+    import json
+
+    from iotflow.archive import Archive
+    from iotflow.objectstore import ObjectStore
+
+    store = Archive(ObjectStore.from_settings(_settings()))
+    for day in store.days():
+        manifest = store.manifest(day)
+        if manifest is None:
+            click.echo(json.dumps({"day": day.isoformat(), "manifest": None}))
+            continue
+        click.echo(json.dumps({"day": day.isoformat(), "rows": manifest.rows, "min_time": manifest.min_time.isoformat(),
+                               "max_time": manifest.max_time.isoformat(), "parts": len(manifest.parts),
+                               "bytes": sum(p.bytes for p in manifest.parts)}))
+
+
 @main.command()
 @click.argument("scenarios", nargs=-1)
 @click.option("--no-doc", is_flag=True, help="print the table only; leave docs/reliability.md as it is")

@@ -103,3 +103,18 @@ FETCH_HELD = Gauge(
     "Assigned partitions of the source topics the fetcher does not read now (paused, or their stream's buffer "
     "under pressure); outside table recovery this should return to 0 within seconds (else a "
     "partitions_not_fetched warning names them and why).")
+ARCHIVE_LAG = Gauge(
+    "iotflow_archive_lag_seconds",
+    "How long the oldest day past the hot window has waited to be archived and dropped (0: none waiting); "
+    "set by each run of the archive job.")
+ARCHIVE_DAYS = Counter(
+    "iotflow_archive_days_total",
+    "Days the archive job finished, by outcome (archived: exported, verified and dropped; empty: dropped with "
+    "nothing to export; expired: deleted from the archive past its keep time).", ["outcome"])
+ARCHIVE_ROWS = Counter("iotflow_archive_rows_total", "Measurement rows the archive job exported and verified.")
+ARCHIVE_BYTES = Counter("iotflow_archive_bytes_written_total", "Parquet bytes the archive job wrote to the object store.")
+ARCHIVE_FAILURES = Counter(
+    "iotflow_archive_failures_total",
+    "Archive job runs that stopped on an error, by stage (connect, export, upload, verify, drop, expire, unexpected).", ["stage"])
+ARCHIVE_LAST_SUCCESS = Gauge(
+    "iotflow_archive_last_success_timestamp_seconds", "When the archive job last finished a run without an error.")

@@ -140,6 +140,29 @@ def _pg_dsn(name: str, raw: str) -> str:
     return raw.strip()
 
 
+def _archive_url(name: str, raw: str) -> str:
+    """empty, ``none``, ``file:///absolute/folder`` or ``s3://bucket[/prefix]``."""
+    raw = raw.strip()
+    if raw in ("", "none"):
+        return raw
+    parts = urlsplit(raw)
+    if parts.scheme == "file" and not parts.netloc and parts.path.startswith("/") and parts.path != "/":
+        return raw.rstrip("/")
+    if parts.scheme == "s3" and re.fullmatch(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]", parts.netloc or "") \
+            and not parts.query and not parts.fragment:
+        return raw.rstrip("/")
+    raise SettingsError(name, raw, "none, file:///an/absolute/folder or s3://bucket[/prefix]")
+
+
+def _text(name: str, raw: str) -> str:
+    return raw.strip()
+
+
+def _optional_url(*schemes: str) -> Callable[[str, str], str]:
+    parse = _url(*schemes)
+    return lambda name, raw: raw.strip() if not raw.strip() else parse(name, raw)
+
+
 def _choice(*choices: str) -> Callable[[str, str], str]:
     def parse(name: str, raw: str) -> str:
         value = raw.strip().lower()
@@ -205,7 +228,18 @@ class Settings:
     pg_pool_size: int = _setting(4, _positive_int, "connections per worker to each database")
     dedup_window_s: float = _setting(3600.0, _positive_seconds, "how long a msg_id is remembered as seen")
     max_clock_skew_s: float = _setting(300.0, _positive_seconds, "how far in the future a device's ts may be")
-    retention_days: int = _setting(90, _positive_int, "hot window: measurements older than this are refused/dropped")
+    retention_days: int = _setting(90, _positive_int, "hot window: measurements older than this are refused; days past it are archived, then dropped")
+    archive_url: str = _setting(
+        "", _archive_url,
+        "cold tier: where days past the hot window go as Parquet before they are dropped "
+        "(file:///folder or s3://bucket/prefix; none: drop them unarchived); empty: .iotflow/archive in the working folder")
+    archive_keep_days: int = _setting(730, _positive_int, "days the cold tier keeps an archived day before deleting it")
+    archive_interval_s: float = _setting(3600.0, _positive_seconds, "pause between the archive job's runs (leader worker)")
+    archive_spool_dir: Path | None = _setting(None, _path, "folder the archive job writes a day's Parquet in before it uploads it (default: the system's temporary folder)")
+    archive_s3_endpoint: str = _setting("", _optional_url("http", "https"), "S3 API endpoint URL for s3:// archives (empty: AWS's own)")
+    archive_s3_region: str = _setting("us-east-1", _non_empty, "region of the s3:// archive's bucket")
+    archive_s3_access_key_id: str = _setting("", _text, "access key of the s3:// archive (empty: the AWS default credential chain)")
+    archive_s3_secret_access_key: str = _setting("", _text, "secret key of the s3:// archive", secret=True)
     bridge_client_id: str = _setting(
         "iotflow-bridge-1", _non_empty, "MQTT client id of a bridge: stable, and distinct per bridge"
     )
@@ -264,6 +298,13 @@ class Settings:
     def worker_dir(self) -> Path:
         """Where this worker keeps its RocksDB tables; one folder per worker on a host."""
         return self.data_dir or Path(".iotflow") / f"worker-{self.web_port}"
+
+    @property
+    def archive_location(self) -> str | None:
+        """The cold tier's URL, or None when days past the hot window are dropped unarchived."""
+        if self.archive_url == "none":
+            return None
+        return self.archive_url or f"file://{Path.cwd() / '.iotflow' / 'archive'}"
 
 
 def env_name(field_name: str) -> str:

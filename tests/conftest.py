@@ -9,6 +9,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import asyncpg
 import pytest
 
 from iotflow.kafka_admin import delete_topics_with_prefix, ensure_topics
@@ -36,6 +37,34 @@ def stack() -> Settings:
         pytest.fail(f"the local stack is not up ({', '.join(down)}): `make test` starts it before the tests")
     asyncio.run(migrator(settings).up())
     return settings
+
+
+@pytest.fixture
+def scratch_db(stack: Settings) -> Iterator[Settings]:
+    """A database of its own, so rolling down does not pull the table from under other tests."""
+    name = f"migrate_{uuid.uuid4().hex[:8]}"
+
+    async def admin(sql: str) -> None:
+        conn = await asyncpg.connect(stack.tsdb_dsn, timeout=10)
+        try:
+            await conn.execute(sql)
+        finally:
+            await conn.close()
+
+    async def drop() -> None:
+        # FORCE ends this role's sessions; an autovacuum worker (the server's own) on the database
+        # cannot be ended by it and refuses the drop until it finishes, within seconds.
+        for _ in range(60):
+            try:
+                return await admin(f"DROP DATABASE {name} WITH (FORCE)")
+            except asyncpg.InsufficientPrivilegeError:
+                await asyncio.sleep(0.5)
+        await admin(f"DROP DATABASE {name} WITH (FORCE)")
+
+    asyncio.run(admin(f"CREATE DATABASE {name}"))
+    dsn = stack.tsdb_dsn.rsplit("/", 1)[0] + f"/{name}"
+    yield dataclasses.replace(stack, tsdb_dsn=dsn, pg_dsn=dsn)
+    asyncio.run(drop())
 
 
 @pytest.fixture

@@ -12,6 +12,8 @@ import asyncpg
 import faust
 import structlog
 
+from iotflow import metrics
+from iotflow.archive import ArchiveError, Archiver
 from iotflow.ingest import IngestPipeline
 from iotflow.sinks.timescale import MeasurementSink
 from iotflow.settings import Settings
@@ -24,7 +26,8 @@ log = structlog.get_logger(__name__)
 _STOP_FLUSH_TIMEOUT_S = 10.0
 
 
-def register(app: faust.App, settings: Settings, pipeline: IngestPipeline, sink: MeasurementSink) -> None:
+def register(app: faust.App, settings: Settings, pipeline: IngestPipeline, sink: MeasurementSink,
+             archiver: Archiver | None) -> None:
     @app.agent(topics.sensor_data(app, settings), name="iotflow.ingest", concurrency=1)
     async def ingest(stream: faust.StreamT) -> None:
         await sink.start()
@@ -45,9 +48,27 @@ def register(app: faust.App, settings: Settings, pipeline: IngestPipeline, sink:
     @app.timer(3600.0, name="iotflow.partitions", on_leader=True)
     async def partition_upkeep() -> None:
         try:
-            await sink.upkeep(retention_days=settings.retention_days)
+            await sink.upkeep(retention_days=settings.retention_days, drop=archiver is None)
         except (SinkUnavailable, asyncpg.PostgresError, OSError) as exc:
             log.warning("partition_upkeep_failed", error=str(exc))  # next hour, or the sink on demand
+
+    if archiver is not None:
+        @app.timer(settings.archive_interval_s, name="iotflow.archive", on_leader=True)
+        async def archive_old_days() -> None:
+            try:
+                report = await archiver.run()
+            except ArchiveError:
+                return  # logged and counted by the job; the days wait for the next run
+            except (asyncpg.PostgresError, OSError) as exc:
+                metrics.ARCHIVE_FAILURES.labels("connect").inc()
+                log.warning("archive_run_failed", stage="connect", error=str(exc))
+                return
+            except Exception:  # noqa: BLE001 - the archive must never take the worker (and ingest) down
+                metrics.ARCHIVE_FAILURES.labels("unexpected").inc()
+                log.exception("archive_run_failed", stage="unexpected")
+                return
+            if report.archived or report.empty or report.expired:
+                log.info("archive_run_done", **report.as_dict())
 
     source = topics.name(settings, topics.SENSOR_DATA)
 

@@ -135,9 +135,13 @@ class MeasurementSink:
         self.breaker.record_success()
         return int(status.rsplit(" ", 1)[-1])
 
-    async def upkeep(self, *, retention_days: int) -> tuple[int, int]:
-        """Daily partitions ahead and retention behind (plain PostgreSQL); returns (created, dropped)."""
-        created = await self.ensure_partitions(days_back=retention_days + 1)
+    async def upkeep(self, *, retention_days: int, drop: bool) -> tuple[int, int]:
+        """Daily partitions for the hot window and a week ahead (plain PostgreSQL); with ``drop``, the days
+        past the hot window dropped too (only without the archive, which drops them once archived).
+        Returns (created, dropped)."""
+        created = await self.ensure_partitions(days_back=retention_days)
+        if not drop:
+            return created, 0
         pool = await self._get_pool()
         async with self.pool.acquire(pool) as conn:
             dropped = await conn.fetchval(

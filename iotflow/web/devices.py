@@ -113,13 +113,14 @@ def register(app: faust.App, settings: Settings, registry: DeviceRegistry, cache
             query = parse_telemetry_query(request.query, datetime.now(UTC))
             await read(device_id)  # 404 for an unknown or deleted device
             try:
-                buckets = await reader.buckets(device_id, query)
+                buckets, archived_until = await reader.buckets(device_id, query)
             except Exception as exc:
                 if is_transient(exc):
                     raise RegistryUnavailable(f"the measurements database is not answering: {exc}") from exc
                 raise
             body = {"device_id": device_id, "from": query.start.isoformat(), "to": query.end.isoformat(),
-                    "bucket_s": query.bucket_s, "metric": query.metric, "buckets": buckets}
+                    "bucket_s": query.bucket_s, "metric": query.metric, "buckets": buckets,
+                    "archived_until": archived_until.isoformat() if archived_until else None}
             return self.json(body, headers={HEADER: request_id(request)})
         return await answer(self, request, work)
 

@@ -2,10 +2,7 @@
 from __future__ import annotations
 
 import asyncio
-import dataclasses
-import uuid
 from datetime import UTC, datetime, timedelta
-from collections.abc import Iterator
 
 import asyncpg
 import pytest
@@ -16,24 +13,6 @@ from iotflow.devices import Registration
 from iotflow.pg import LazyPool
 from iotflow.registry import DeviceRegistry
 from iotflow.sinks.timescale import MeasurementSink
-
-
-@pytest.fixture
-def scratch_db(stack: Settings) -> Iterator[Settings]:
-    """A database of its own, so rolling down does not pull the table from under other tests."""
-    name = f"migrate_{uuid.uuid4().hex[:8]}"
-
-    async def admin(sql: str) -> None:
-        conn = await asyncpg.connect(stack.tsdb_dsn, timeout=10)
-        try:
-            await conn.execute(sql)
-        finally:
-            await conn.close()
-
-    asyncio.run(admin(f"CREATE DATABASE {name}"))
-    dsn = stack.tsdb_dsn.rsplit("/", 1)[0] + f"/{name}"
-    yield dataclasses.replace(stack, tsdb_dsn=dsn, pg_dsn=dsn)
-    asyncio.run(admin(f"DROP DATABASE {name} WITH (FORCE)"))
 
 
 async def partitions(dsn: str) -> int:
@@ -67,11 +46,13 @@ def test_up_down_up_and_a_second_up_changes_nothing(scratch_db: Settings):
     assert [s.applied for s in asyncio.run(m.status())] == [True] * len(versions)
     # Plain PostgreSQL here: daily partitions from the retention window back to a week ahead.
     assert asyncio.run(partitions(scratch_db.tsdb_dsn)) == 91 + 1 + 7
-    assert asyncio.run(tables(scratch_db.tsdb_dsn)) == {"sensor_measurements", "devices", "device_outbox", "firmware", "rollouts", "rollout_devices", "feature_flags"}
+    assert asyncio.run(tables(scratch_db.tsdb_dsn)) == {"sensor_measurements", "devices", "device_outbox", "firmware", "rollouts", "rollout_devices", "feature_flags",
+                                                         "sensor_measurements_restored"}
     assert [x.version for x in asyncio.run(m.down(0))] == versions[::-1]
     assert asyncio.run(tables(scratch_db.tsdb_dsn)) == set()
     assert [x.version for x in asyncio.run(m.up())] == versions
-    assert asyncio.run(tables(scratch_db.tsdb_dsn)) == {"sensor_measurements", "devices", "device_outbox", "firmware", "rollouts", "rollout_devices", "feature_flags"}
+    assert asyncio.run(tables(scratch_db.tsdb_dsn)) == {"sensor_measurements", "devices", "device_outbox", "firmware", "rollouts", "rollout_devices", "feature_flags",
+                                                         "sensor_measurements_restored"}
 
 
 def test_down_to_a_version_keeps_what_came_before(scratch_db: Settings):
@@ -95,11 +76,14 @@ def test_upkeep_drops_days_past_retention_and_creates_days_ahead(scratch_db: Set
     async def upkeep() -> tuple[int, int]:
         sink = MeasurementSink(scratch_db.tsdb_dsn, pool_size=1, connect_timeout_s=3, command_timeout_s=10)
         try:
-            return await sink.upkeep(retention_days=30)
+            archived = await sink.upkeep(retention_days=30, drop=False)
+            return archived, await sink.upkeep(retention_days=30, drop=True)
         finally:
             await sink.stop()
 
-    created, dropped = asyncio.run(upkeep())
+    # With the archive on, upkeep leaves the days past the window to the archive job.
+    archived, (created, dropped) = asyncio.run(upkeep())
+    assert archived == (0, 0)
     assert (created, dropped) == (0, 91 + 1 - 31)
     assert asyncio.run(partitions(scratch_db.tsdb_dsn)) == 31 + 7
 

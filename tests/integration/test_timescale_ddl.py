@@ -29,7 +29,7 @@ def apply(*sql_files: Path) -> dict:
 
 
 @pytest.mark.timeout(600)
-def test_measurements_become_a_compressed_hypertable_with_retention_on_timescaledb():
+def test_measurements_become_a_compressed_hypertable_whose_days_the_archive_drops_on_timescaledb():
     migrations = discover(default_dir())
     report = apply(*(m.up for m in migrations))
     assert report["extension"][0]["extname"] == "timescaledb"
@@ -37,7 +37,10 @@ def test_measurements_become_a_compressed_hypertable_with_retention_on_timescale
     assert report["dimensions"] == [{"column_name": "time", "chunk_interval": "1 day"}]
     jobs = {job["proc_name"]: json.loads(job["config"]) for job in report["jobs"]}
     assert jobs["policy_compression"]["compress_after"] == "7 days"
-    assert jobs["policy_retention"]["drop_after"] == "90 days"
+    # No blind retention: the archive job drops a day once it is archived (docs/archive.md).
+    assert "policy_retention" not in jobs
+    assert report["archive"] == {"days_before": ["2026-01-10", "2026-01-11"], "refused": False, "dropped": True,
+                                 "days_after": ["2026-01-11"], "rows_after": 1}
     assert report["segmentby"] == [{"attname": "device_id", "segmentby_column_index": 1}]
     # The plain-PostgreSQL partition upkeep is a no-op on a hypertable.
     assert report["partitions_made"] == [{"made": 0}]

@@ -22,5 +22,18 @@ const report = {
     "SELECT attname, segmentby_column_index FROM timescaledb_information.compression_settings WHERE segmentby_column_index IS NOT NULL"),
   partitions_made: await one("SELECT iotflow_ensure_measurement_partitions(1, 1) AS made"),
 };
+// The archive's hooks (migration 0005): a chunk's day is listed, and dropped only with its row count.
+if ((await one("SELECT to_regprocedure('iotflow_measurement_days()') IS NOT NULL AS has")).at(0).has) {
+  await db.exec(`INSERT INTO sensor_measurements (time, device_id, metric, value, msg_id, seq)
+                 VALUES ('2026-01-10T05:00:00Z', 'd1', 't', 1, 'm1', 1), ('2026-01-11T05:00:00Z', 'd1', 't', 2, 'm2', 2)`);
+  const days = async () => (await one("SELECT day::text AS day FROM iotflow_measurement_days() AS day")).map((r) => r.day);
+  report.archive = {
+    days_before: await days(),
+    refused: (await one("SELECT iotflow_drop_measurement_day('2026-01-10', 2) AS dropped"))[0].dropped,
+    dropped: (await one("SELECT iotflow_drop_measurement_day('2026-01-10', 1) AS dropped"))[0].dropped,
+    days_after: await days(),
+    rows_after: (await one("SELECT count(*)::int AS n FROM sensor_measurements"))[0].n,
+  };
+}
 console.log(JSON.stringify(report));
 await db.close();

@@ -37,7 +37,7 @@ def resolve(argv: list[str]) -> tuple[click.Command, list[str]]:
 def test_the_runbooks_the_issue_asks_for_are_there():
     names = {path.stem for path in RUNBOOKS}
     assert {"consumer-lag", "timescaledb-disk-full", "redis-cache", "kafka-broker-down", "postgres-failover",
-            "dlq", "table-recovery"} <= names
+            "dlq", "table-recovery", "archive"} <= names
     operations = (ROOT / "docs/operations.md").read_text()
     assert all(f"runbooks/{name}.md" in operations for name in names), "docs/operations.md links every runbook"
 
