@@ -119,6 +119,7 @@ class RunReport:
     rows: int = 0
     bytes: int = 0
     busy: bool = False                                  # another run held the lock
+    seconds: float = 0.0                                # the run's duration
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -238,6 +239,7 @@ class Archiver:
     async def run(self, now: datetime | None = None) -> RunReport:
         now = now or datetime.now(UTC)
         report = RunReport()
+        started = time.monotonic()
         conn = await asyncpg.connect(
             self.settings.tsdb_dsn, timeout=self.settings.pg_connect_timeout_s, command_timeout=_COMMAND_TIMEOUT_S,
             server_settings={"application_name": "iotflow-archive"})
@@ -254,6 +256,7 @@ class Archiver:
         finally:
             await conn.close()
         metrics.ARCHIVE_LAST_SUCCESS.set(time.time())
+        report.seconds = round(time.monotonic() - started, 3)
         return report
 
     async def _run_locked(self, conn: asyncpg.Connection, now: datetime, report: RunReport) -> None:
