@@ -261,7 +261,7 @@ def dlq() -> None:
     """Triage sensor-data-dlq and replay what can now be stored (docs/runbooks/dlq.md)."""
 
 
-_KIND = click.Choice(["invalid", "rejected", "unknown_device", "deleted_device"])
+_KIND = click.Choice(["invalid", "rejected", "unknown_device", "deleted_device", "identity_mismatch"])
 
 
 @dlq.command("inspect")

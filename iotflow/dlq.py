@@ -1,7 +1,7 @@
 """``iotflow dlq inspect|replay``: triage of ``sensor-data-dlq`` and replay of what can now be stored.
 
 Every DLQ record keeps the device's original key and bytes, and in its headers why it is there
-(``iotflow-error``: invalid, rejected, unknown_device, deleted_device; ``iotflow-field``,
+(``iotflow-error``: invalid, rejected, unknown_device, deleted_device, identity_mismatch; ``iotflow-field``,
 ``iotflow-reason``) and where it came from (source topic, partition, offset).
 
 ``inspect`` reads the DLQ from the beginning (nothing is committed) and yields one record per
@@ -25,7 +25,7 @@ from aiokafka.structs import OffsetAndMetadata
 from iotflow import topics
 from iotflow.settings import Settings
 
-KINDS = ("invalid", "rejected", "unknown_device", "deleted_device")
+KINDS = ("invalid", "rejected", "unknown_device", "deleted_device", "identity_mismatch")
 REPLAYED_HEADER = "iotflow-replayed-from"
 _IDLE_MS = 2000  # the DLQ is read up to its end: a poll that brings nothing for this long ends it
 

@@ -38,7 +38,7 @@ from iotflow.errors import InvalidPayload, RegistryUnavailable, SinkRejected
 from iotflow.parking import ParkingLot
 from iotflow.sinks.timescale import MeasurementSink, Row
 from iotflow.tables.batched import TableBatch, write_all
-from iotflow.telemetry import Limits, parse
+from iotflow.telemetry import Limits, Telemetry, parse
 
 log = structlog.get_logger(__name__)
 
@@ -172,43 +172,56 @@ class IngestPipeline:
         pending = _Pending(event)
         try:
             telemetry = parse(event.value, self.limits)
-            if telemetry.device_id.encode() != device_key:
-                raise InvalidPayload(
-                    "device_id", telemetry.device_id, f"does not match the message key {device_key!r} (identity_mismatch)"
-                )
         except InvalidPayload as exc:
             pending.dlq = await self._send_to_dlq(event, "invalid", exc.field, str(exc))
             outcome: Verdict | str = INVALID
         else:
-            status = status_of(partition, device_key)
-            if status is DeviceStatus.UNKNOWN:
-                self._park(device_key, event, now_ms)
-                return
-            if status is not DeviceStatus.REGISTERED:
-                reason = (f"device {telemetry.device_id!r} was deleted" if status is DeviceStatus.DELETED else
-                          f"device {telemetry.device_id!r} is not registered "
-                          f"(waited {self._parked.wait_ms / 1000:g} s for its registration)")
-                pending.dlq = await self._send_to_dlq(event, status.value, "device_id", reason)
+            if telemetry.device_id.encode() != device_key:
+                # The key is the device the MQTT topic names (the bridge sets it; the broker lets a
+                # device publish under its own topic only): a payload naming another is a spoof.
+                reason = (f"the payload names device {telemetry.device_id!r}, the message came from "
+                          f"{device_key.decode(errors='replace')!r}")
+                pending.dlq = await self._send_to_dlq(event, "identity_mismatch", "device_id", reason)
                 outcome = REJECTED
             else:
-                key = dedup_key(telemetry.device_id, telemetry.msg_id)
-                outcome = verdict(self.marks.get(partition, key), partition, message.offset)
-                if outcome is Verdict.NEW:
-                    mark = Mark(partition, message.offset, now_ms)
-                    self.marks.set(partition, key, mark)
-                    self._expiry.add(key, mark)
-                if outcome is not Verdict.DUPLICATE:
-                    pending.rows = telemetry.rows()
-                    pending.device_s = telemetry.time.timestamp()
-                    values = self.latest.get(partition, device_key) or LatestValues()
-                    values.update(telemetry.metrics, int(telemetry.time.timestamp() * 1000))
-                    self.latest.set(partition, device_key, values)
+                outcome = await self._decide_valid(event, telemetry, pending, now_ms, status_of)
+                if outcome is None:
+                    return
         if not counted:
             account.count(outcome, message.offset, now_ms, None if outcome in (INVALID, REJECTED) else telemetry.seq)
             self.accounts.set(partition, device_key, account)
         metrics.MESSAGES_BY_OUTCOME[_outcome_label(outcome) if not counted else "replay"].inc()
         self._pending.append(pending)
         self._pending_rows += len(pending.rows)
+
+    async def _decide_valid(self, event: EventT, telemetry: Telemetry, pending: _Pending, now_ms: int,
+                            status_of: Callable[[int, bytes], DeviceStatus]) -> Verdict | str | None:
+        """The verdict on a valid message from its own device; None when it was parked."""
+        message = event.message
+        partition, device_key = message.partition, message.key or b""
+        status = status_of(partition, device_key)
+        if status is DeviceStatus.UNKNOWN:
+            self._park(device_key, event, now_ms)
+            return None
+        if status is not DeviceStatus.REGISTERED:
+            reason = (f"device {telemetry.device_id!r} was deleted" if status is DeviceStatus.DELETED else
+                      f"device {telemetry.device_id!r} is not registered "
+                      f"(waited {self._parked.wait_ms / 1000:g} s for its registration)")
+            pending.dlq = await self._send_to_dlq(event, status.value, "device_id", reason)
+            return REJECTED
+        key = dedup_key(telemetry.device_id, telemetry.msg_id)
+        outcome = verdict(self.marks.get(partition, key), partition, message.offset)
+        if outcome is Verdict.NEW:
+            mark = Mark(partition, message.offset, now_ms)
+            self.marks.set(partition, key, mark)
+            self._expiry.add(key, mark)
+        if outcome is not Verdict.DUPLICATE:
+            pending.rows = telemetry.rows()
+            pending.device_s = telemetry.time.timestamp()
+            values = self.latest.get(partition, device_key) or LatestValues()
+            values.update(telemetry.metrics, int(telemetry.time.timestamp() * 1000))
+            self.latest.set(partition, device_key, values)
+        return outcome
 
     def _park(self, device_key: bytes, event: EventT, now_ms: int) -> None:
         self._parked.park(device_key, event.message.partition, event, now_ms)

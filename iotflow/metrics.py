@@ -15,7 +15,7 @@ MESSAGES_BY_OUTCOME = {outcome: MESSAGES.labels(outcome)
 PARKED = Gauge("iotflow_ingest_parked_messages",
                "Messages of devices the registry does not know yet, waiting for their registration (counted at scrape).")
 ROWS_STORED = Counter("iotflow_sink_rows_stored_total", "Measurement rows the sink inserted (new rows only).")
-DLQ = Counter("iotflow_dlq_messages_total", "Messages sent to sensor-data-dlq, by kind (invalid, rejected, unknown_device, deleted_device).", ["kind"])
+DLQ = Counter("iotflow_dlq_messages_total", "Messages sent to sensor-data-dlq, by kind (invalid, rejected, unknown_device, deleted_device, identity_mismatch).", ["kind"])
 DEDUP_EXPIRED = Counter("iotflow_dedup_marks_expired_total", "Dedup marks deleted after the dedup window.")
 DEDUP_MARKS = Gauge("iotflow_dedup_marks", "Dedup marks held by this worker's active partitions (counted at scrape).")
 SINK_BATCH_SECONDS = Histogram(

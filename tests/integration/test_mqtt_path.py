@@ -9,13 +9,17 @@ import sys
 import threading
 import time
 import urllib.request
+import uuid
 from collections.abc import Callable
 from pathlib import Path
+from urllib.parse import urlsplit
 
+import paho.mqtt.client as mqtt
 import pytest
 
 from iotflow.simulator import Fleet, FleetConfig
-from iotflow.testing import WorkerProcess, dlq_messages, forget_mqtt_session, free_port, http_get_json, stored_messages
+from iotflow.testing import (WorkerProcess, dlq_messages, forget_mqtt_session, free_port, http_get_json, register,
+                             stored_messages, telemetry, wait_for)
 
 
 def start_bridge(settings, tmp_path: Path, client_id: str, metrics_port: int | None = None,
@@ -124,3 +128,54 @@ def test_fifty_devices_with_duplicates_and_malformed_store_exactly_the_unique_va
         bridge.send_signal(signal.SIGTERM)
         assert bridge.wait(timeout=30) == 0
         forget_mqtt_session(settings, f"bridge-{run_id}")
+
+
+def publish(settings, messages: list[tuple[str, bytes]], timeout: float = 20.0) -> None:
+    """Publish (MQTT topic, payload) pairs at QoS 1 and wait for the broker's acknowledgements."""
+    url = urlsplit(settings.mqtt_url)
+    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"pub-{uuid.uuid4().hex[:8]}")
+    client.connect(url.hostname or "127.0.0.1", url.port or 1883)
+    client.loop_start()
+    try:
+        sent = [client.publish(topic, payload, qos=1) for topic, payload in messages]
+        for info in sent:
+            info.wait_for_publish(timeout)
+            assert info.is_published()
+    finally:
+        client.loop_stop()
+        client.disconnect()
+
+
+@pytest.mark.timeout(300)
+def test_a_payload_naming_another_device_than_its_topic_is_rejected_as_identity_mismatch(
+        settings, start_worker, run_id, tmp_path):
+    spoofer, victim = f"spoofer-{run_id}", f"victim-{run_id}"
+    asyncio.run(register(settings, [spoofer, victim]))
+    worker = start_worker()
+    worker.wait_ready()
+    worker.wait_registered([spoofer, victim])
+    client_id = f"bridge-{run_id}"
+    bridge = start_bridge(settings, tmp_path, client_id)
+    try:
+        wait_for_log(tmp_path / f"bridge-{client_id}.log", "mqtt_connected")
+        forged = [telemetry(victim, seq) for seq in range(5)]
+        honest = [telemetry(spoofer, seq) for seq in range(5, 8)]
+        publish(settings, [(f"devices/{spoofer}/telemetry", p) for p in forged + honest])
+
+        # The honest messages are stored; the forged ones never are, under either id.
+        assert wait_for(lambda: asyncio.run(stored_messages(settings, spoofer))[1] == 3, timeout=60)
+        mismatched = wait_for(lambda: [r for r in asyncio.run(dlq_messages(settings))
+                                       if dict(r.headers)["iotflow-error"] == b"identity_mismatch"] or None,
+                              timeout=60)
+        assert mismatched and sorted(r.value for r in mismatched) == sorted(forged)  # the original bytes
+        assert {r.key for r in mismatched} == {spoofer.encode()}  # who sent them
+        headers = dict(mismatched[0].headers)
+        assert headers["iotflow-field"] == b"device_id" and victim.encode() in headers["iotflow-reason"]
+        assert asyncio.run(stored_messages(settings, victim)) == (0, 0)
+        status, account = http_get_json(f"{worker.url}/api/v1/pipeline/accounting/devices/{spoofer}",
+                                        headers=worker.bearer())
+        assert status == 200 and (account["rejected"], account["accepted"]) == (5, 3), account
+    finally:
+        bridge.terminate()
+        bridge.wait(timeout=30)
+        forget_mqtt_session(settings, client_id)
