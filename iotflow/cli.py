@@ -484,9 +484,9 @@ def bench_api(devices: int, concurrency: int, duration: float) -> None:
 @click.option("--subject", default="local-operator", show_default=True, help="who the token names (sub)")
 @click.option("--ttl", "ttl_s", type=click.IntRange(min=60), default=3600, show_default=True, help="seconds until it expires")
 def token(role: str, subject: str, ttl_s: int) -> None:
-    """Print an API bearer token signed with IOTFLOW_JWT_SECRET (for local use and scripts)."""
+    """Print an API bearer token signed with IOTFLOW_JWT_SECRET, naming IOTFLOW_JWT_KID (for local use and scripts)."""
     from iotflow.auth import issue
 
     settings = _settings()
     click.echo(issue(settings.jwt_secret, role=role, subject=subject, ttl_s=ttl_s,
-                     issuer=settings.jwt_issuer, audience=settings.jwt_audience))
+                     issuer=settings.jwt_issuer, audience=settings.jwt_audience, kid=settings.jwt_kid))

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from iotflow.auth import KeyRing
 from iotflow.errors import SettingsError
 
 PREFIX = "IOTFLOW_"
@@ -154,6 +155,27 @@ def _archive_url(name: str, raw: str) -> str:
     raise SettingsError(name, raw, "none, file:///an/absolute/folder or s3://bucket[/prefix]")
 
 
+_KID = re.compile(r"[A-Za-z0-9._-]{1,64}")
+
+
+def _kid(name: str, raw: str) -> str:
+    if not _KID.fullmatch(raw.strip()):
+        raise SettingsError(name, raw, "a key id: 1-64 letters, digits, '.', '_' or '-'")
+    return raw.strip()
+
+
+def _previous_keys(name: str, raw: str) -> str:
+    """``kid=secret,kid=secret`` (each secret 32+ characters); the value is never shown in errors."""
+    seen = set()
+    for item in filter(None, (part.strip() for part in raw.split(","))):
+        kid, sep, secret = item.partition("=")
+        if not sep or not _KID.fullmatch(kid) or len(secret) < 32 or kid in seen:
+            raise SettingsError(name, "<hidden>", "comma-separated kid=secret pairs: distinct key ids, "
+                                                 "secrets of at least 32 characters")
+        seen.add(kid)
+    return raw.strip()
+
+
 def _text(name: str, raw: str) -> str:
     return raw.strip()
 
@@ -258,6 +280,8 @@ class Settings:
     unknown_device_max_parked: int = _setting(10000, _positive_int, "messages of unknown devices a worker holds while they wait; beyond it the longest-waiting device's go to the DLQ")
     offline_after_s: float = _setting(90.0, _positive_seconds, "a device without a heartbeat for this long is offline")
     jwt_secret: str = _setting(DEV_JWT_SECRET, _secret, "HS256 key of the API's bearer tokens (32+ characters; set it outside development)", secret=True)
+    jwt_kid: str = _setting("k1", _kid, "key id of IOTFLOW_JWT_SECRET: tokens are signed with it and name it (kid); change both to rotate")
+    jwt_previous_keys: str = _setting("", _previous_keys, "keys still accepted after a rotation, as kid=secret,… (remove one to retire it)", secret=True)
     jwt_issuer: str = _setting("iotflow", _non_empty, "issuer (iss) the API's tokens must name")
     jwt_audience: str = _setting("iotflow-api", _non_empty, "audience (aud) the API's tokens must name")
     stack_dir: Path = _setting(Path(".stack"), _path, "folder of the local stack's data and logs (iotflow stack)")
@@ -272,6 +296,9 @@ class Settings:
     mqtt_keepalive_s: float = _setting(30.0, _positive_seconds, "MQTT keepalive interval")
 
     def __post_init__(self) -> None:
+        if self.jwt_kid in self.jwt_keys.previous:
+            raise SettingsError(env_name("jwt_kid"), self.jwt_kid,
+                                "a key id IOTFLOW_JWT_PREVIOUS_KEYS does not name too (the current key is not a previous one)")
         if self.min_insync_replicas > self.replication_factor:
             raise SettingsError(
                 env_name("min_insync_replicas"),
@@ -281,15 +308,20 @@ class Settings:
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
-        """Build settings from ``environ`` (default: ``os.environ``); raise on the first bad value."""
+        """Build settings from ``environ`` (default: ``os.environ``); raise on the first bad value.
+        A secret may come from a file instead: ``IOTFLOW_X_FILE`` names it (as Docker and Kubernetes
+        mount secrets); its content, without the trailing newline, is the value."""
         environ = os.environ if environ is None else environ
-        known = {env_name(f.name) for f in dataclasses.fields(cls)}
+        fields = dataclasses.fields(cls)
+        known = {env_name(f.name) for f in fields} | {env_name(f.name) + "_FILE" for f in fields if not f.repr}
         unknown = sorted(k for k in environ if k.startswith(PREFIX) and k not in known)
         if unknown:
             raise SettingsError(unknown[0], environ[unknown[0]], "a known IOTFLOW_* variable (see README)")
         values = {}
-        for f in dataclasses.fields(cls):
+        for f in fields:
             raw = environ.get(env_name(f.name))
+            if not f.repr and env_name(f.name) + "_FILE" in environ:
+                raw = _secret_file(env_name(f.name), environ[env_name(f.name) + "_FILE"], raw)
             if raw is not None:
                 values[f.name] = f.metadata["parse"](env_name(f.name), raw)
         return cls(**values)
@@ -300,11 +332,26 @@ class Settings:
         return self.data_dir or Path(".iotflow") / f"worker-{self.web_port}"
 
     @property
+    def jwt_keys(self) -> KeyRing:
+        """The current signing key and the previous ones still accepted, by key id."""
+        previous = dict(item.strip().split("=", 1) for item in self.jwt_previous_keys.split(",") if item.strip())
+        return KeyRing(self.jwt_kid, self.jwt_secret, previous)
+
+    @property
     def archive_location(self) -> str | None:
         """The cold tier's URL, or None when days past the hot window are dropped unarchived."""
         if self.archive_url == "none":
             return None
         return self.archive_url or f"file://{Path.cwd() / '.iotflow' / 'archive'}"
+
+
+def _secret_file(name: str, path: str, direct: str | None) -> str:
+    if direct is not None:
+        raise SettingsError(name + "_FILE", path, f"either {name} or {name}_FILE, not both")
+    try:
+        return Path(path).read_text().rstrip("\r\n")
+    except OSError as exc:
+        raise SettingsError(name + "_FILE", path, f"a readable file ({exc.strerror})") from None
 
 
 def env_name(field_name: str) -> str:

@@ -94,7 +94,7 @@ def http_get_json(url: str, *, timeout: float = 5.0, headers: Mapping[str, str] 
 
 def bearer(settings: Settings, role: str = "viewer", subject: str = "iotflow-testing") -> dict[str, str]:
     """An ``Authorization`` header with a short-lived token that workers of ``settings`` accept."""
-    token = auth.issue(settings.jwt_secret, role=role, subject=subject, ttl_s=3600,
+    token = auth.issue(settings.jwt_secret, role=role, subject=subject, ttl_s=3600, kid=settings.jwt_kid,
                        issuer=settings.jwt_issuer, audience=settings.jwt_audience)
     return {"Authorization": f"Bearer {token}"}
 

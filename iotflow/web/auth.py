@@ -21,7 +21,7 @@ Handler = Callable[..., Awaitable[Response]]
 
 class Guard:
     def __init__(self, settings: Settings) -> None:
-        self.secret = settings.jwt_secret
+        self.keys = settings.jwt_keys
         self.issuer = settings.jwt_issuer
         self.audience = settings.jwt_audience
 
@@ -32,7 +32,7 @@ class Guard:
             @wraps(handler)
             async def guarded(view: View, request: Request, *args: Any, **kwargs: Any) -> Response:
                 try:
-                    principal = auth.verify(self.secret, request.headers.get("Authorization"),
+                    principal = auth.verify(self.keys, request.headers.get("Authorization"),
                                             issuer=self.issuer, audience=self.audience)
                     principal.require(role)
                 except Unauthorized as exc:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from iotflow.auth import ROLES, Principal, issue, verify
+from iotflow.auth import ROLES, KeyRing, Principal, issue, verify
 from iotflow.errors import Forbidden, Unauthorized
 
 SECRET = "s" * 32
@@ -56,3 +56,36 @@ def test_roles_include_the_ones_below():
 def test_an_unknown_role_cannot_be_issued():
     with pytest.raises(ValueError, match="unknown role"):
         issue(SECRET, role="root", subject="x", ttl_s=60, **CLAIMS)
+
+
+OLD, NEW = "o" * 32, "n" * 32
+
+
+def test_after_a_rotation_old_tokens_stay_valid_until_their_key_is_retired():
+    before = "Bearer " + issue(OLD, role="admin", subject="ci", ttl_s=600, kid="k1", **CLAIMS)
+    after = "Bearer " + issue(NEW, role="viewer", subject="ops", ttl_s=600, kid="k2", **CLAIMS)
+    rotated = KeyRing("k2", NEW, {"k1": OLD})
+    assert verify(rotated, before, **CLAIMS) == Principal("ci", "admin")
+    assert verify(rotated, after, **CLAIMS) == Principal("ops", "viewer")
+    retired = KeyRing("k2", NEW, {})
+    with pytest.raises(Unauthorized, match="signed with key 'k1', which is not \\(or no longer\\) accepted"):
+        verify(retired, before, **CLAIMS)
+    assert verify(retired, after, **CLAIMS) == Principal("ops", "viewer")
+
+
+def test_a_token_naming_a_key_id_with_another_key_is_refused():
+    # Claiming the current key id does not help a token signed with an old (or forged) key.
+    forged = "Bearer " + issue(OLD, role="admin", subject="mallory", ttl_s=600, kid="k2", **CLAIMS)
+    with pytest.raises(Unauthorized, match="Signature verification failed"):
+        verify(KeyRing("k2", NEW, {"k1": OLD}), forged, **CLAIMS)
+
+
+def test_a_token_without_a_key_id_is_checked_against_the_current_key():
+    legacy = "Bearer " + issue(NEW, role="viewer", subject="ops", ttl_s=600, **CLAIMS)
+    assert verify(KeyRing("k2", NEW, {"k1": OLD}), legacy, **CLAIMS) == Principal("ops", "viewer")
+    with pytest.raises(Unauthorized):
+        verify(KeyRing("k3", "x" * 32, {"k2": NEW}), legacy, **CLAIMS)
+
+
+def test_a_key_ring_never_shows_its_secrets():
+    assert OLD not in repr(KeyRing("k2", NEW, {"k1": OLD})) and NEW not in repr(KeyRing("k2", NEW, {}))

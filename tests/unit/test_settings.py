@@ -124,3 +124,37 @@ def test_a_multi_host_postgresql_dsn_is_accepted_for_failover():
 def test_a_sentinel_url_names_the_sentinels_and_the_master():
     url = "redis+sentinel://:secret@127.0.0.1:26379,127.0.0.1:26380,127.0.0.1:26381/iotflow/2"
     assert Settings.from_env({"IOTFLOW_REDIS_URL": url}).redis_url == url
+
+
+def test_a_secret_can_come_from_a_file_and_its_content_is_never_shown(tmp_path):
+    secret = "file-secret-" + "z" * 30
+    (tmp_path / "jwt").write_text(secret + "\n")
+    (tmp_path / "previous").write_text(f"k0={'p' * 32},k00={'q' * 40}\n")
+    settings = Settings.from_env({"IOTFLOW_JWT_SECRET_FILE": str(tmp_path / "jwt"), "IOTFLOW_JWT_KID": "k2",
+                                  "IOTFLOW_JWT_PREVIOUS_KEYS_FILE": str(tmp_path / "previous")})
+    assert settings.jwt_secret == secret and settings.jwt_keys.previous == {"k0": "p" * 32, "k00": "q" * 40}
+    assert secret not in repr(settings) and "p" * 32 not in repr(settings)
+
+    (tmp_path / "short").write_text("short-secret")
+    with pytest.raises(SettingsError) as caught:
+        Settings.from_env({"IOTFLOW_JWT_SECRET_FILE": str(tmp_path / "short")})
+    assert "short-secret" not in str(caught.value) and "IOTFLOW_JWT_SECRET" in str(caught.value)
+    with pytest.raises(SettingsError, match="either IOTFLOW_JWT_SECRET or IOTFLOW_JWT_SECRET_FILE"):
+        Settings.from_env({"IOTFLOW_JWT_SECRET_FILE": str(tmp_path / "jwt"), "IOTFLOW_JWT_SECRET": secret})
+    with pytest.raises(SettingsError, match="a readable file .* for IOTFLOW_JWT_SECRET_FILE"):
+        Settings.from_env({"IOTFLOW_JWT_SECRET_FILE": str(tmp_path / "missing")})
+    # Only secrets come from files: anything else with _FILE is an unknown variable.
+    with pytest.raises(SettingsError, match="IOTFLOW_WEB_PORT_FILE"):
+        Settings.from_env({"IOTFLOW_WEB_PORT_FILE": str(tmp_path / "jwt")})
+
+
+@pytest.mark.parametrize("value", ["k0=short", "k0", "bad kid=" + "x" * 32, f"k0={'x' * 32},k0={'y' * 32}"])
+def test_previous_keys_that_cannot_work_are_refused_without_showing_them(value):
+    with pytest.raises(SettingsError) as caught:
+        Settings.from_env({"IOTFLOW_JWT_PREVIOUS_KEYS": value})
+    assert "x" * 32 not in str(caught.value) and "IOTFLOW_JWT_PREVIOUS_KEYS" in str(caught.value)
+
+
+def test_the_current_key_id_cannot_also_be_a_previous_one():
+    with pytest.raises(SettingsError, match="IOTFLOW_JWT_KID"):
+        Settings.from_env({"IOTFLOW_JWT_PREVIOUS_KEYS": f"k1={'x' * 32}"})
