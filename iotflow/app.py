@@ -30,7 +30,7 @@ from iotflow.registry import DeviceRegistry
 from iotflow.rollout_store import RolloutStore
 from iotflow.settings import DEV_JWT_SECRET, Settings
 from iotflow.sinks.timescale import MeasurementSink
-from iotflow.tables import devices as device_tables, ingest as ingest_tables
+from iotflow.tables import devices as device_tables, ingest as ingest_tables, rollouts as rollout_tables
 from iotflow.tables.batched import TableBatch, stored, warm_changelog_metadata
 from iotflow.telemetry import Limits
 from iotflow.transport import FlowControl, Transport
@@ -134,9 +134,11 @@ def create_app(settings: Settings) -> faust.App:
     rollout_store = RolloutStore(registry)
     publisher = CommandPublisher(settings.mqtt_url, f"iotflow-orchestrator-{settings.app_id}-{socket.gethostname()}-{settings.web_port}",
                                  keepalive_s=settings.mqtt_keepalive_s)
+    progress_table = rollout_tables.progress(app, settings)
     firmware_agents.register(app, settings, rollout_store,
-                             Orchestrator(registry.connection, publisher, tick_s=settings.rollout_tick_s))
-    firmware_views.register_rollouts(app, rollout_store, guard)
+                             Orchestrator(registry.connection, publisher, tick_s=settings.rollout_tick_s),
+                             progress_table)
+    firmware_views.register_rollouts(app, rollout_store, guard, progress_table)
     firmware_views.register(app, FirmwareCatalogue(registry), guard)
     flag_views.register(app, Flags(registry.connection), guard)
     health.register_readiness(app, registry_pool, cache)

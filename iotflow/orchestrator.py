@@ -55,6 +55,8 @@ class TickReport:
     retried: int = 0
     ended: dict[str, str] = field(default_factory=dict)  # rollout id → status it ended in
     held: str | None = None  # why dispatch was held (kill switch), if it was
+    # Rollouts active or ended within the hour: rollout id → progress snapshot (progress_snapshot()).
+    progress: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -109,7 +111,7 @@ class Orchestrator:
                     [c.device_id for c in acked], [uuid.UUID(c.payload["rollout_id"]) for c in acked],
                     [uuid.UUID(c.command_id) for c in acked])
         report.dispatched = len(acked)
-        await self._show_progress()
+        report.progress = await self._show_progress()
         return report
 
     async def _advance(self, conn: asyncpg.Connection, rollout: _Rollout, flags: dict[str, feature_flags.Flag],
@@ -235,18 +237,21 @@ class Orchestrator:
         (log.warning if status == "aborted" else log.info)("rollout_ended", rollout_id=str(rid), status=status,
                                                           reason=reason)
 
-    async def _show_progress(self) -> None:
-        """``iotflow_firmware_update_progress`` of rollouts active or ended within the hour."""
+    async def _show_progress(self) -> dict[str, dict[str, Any]]:
+        """``iotflow_firmware_update_progress`` of rollouts active or ended within the hour, and
+        their progress snapshots."""
         async with self.connection() as conn:
             rows = await conn.fetch(
-                "SELECT r.rollout_id, r.state, r.health, count(*) AS n FROM rollout_devices r "
-                "JOIN rollouts o ON o.id = r.rollout_id "
+                "SELECT o.id AS rollout_id, o.status, o.current_wave, r.wave, r.state, r.health, count(r.*) AS n, "
+                "now() AS as_of FROM rollouts o LEFT JOIN rollout_devices r ON r.rollout_id = o.id "
                 "WHERE o.status = ANY($1::text[]) OR o.finished_at > now() - $2::interval "
-                "GROUP BY r.rollout_id, r.state, r.health", list(_ACTIVE), _METRICS_KEEP)
+                "GROUP BY o.id, o.status, o.current_wave, r.wave, r.state, r.health", list(_ACTIVE), _METRICS_KEEP)
         shown: dict[str, dict[str, int]] = {}
         for row in rows:
-            status = UNHEALTHY if row["state"] == "SUCCEEDED" and row["health"] == "failed" else row["state"]
             series = shown.setdefault(str(row["rollout_id"]), {})
+            if row["state"] is None:
+                continue  # a rollout without devices
+            status = UNHEALTHY if row["state"] == "SUCCEEDED" and row["health"] == "failed" else row["state"]
             series[status] = series.get(status, 0) + row["n"]
         for rid, series in shown.items():
             for status in {s.value for s in DeviceState} | {UNHEALTHY}:
@@ -255,3 +260,31 @@ class Orchestrator:
             for status in self._shown[rid]:
                 metrics.FIRMWARE_PROGRESS.remove(rid, status)
         self._shown = {rid: {s.value for s in DeviceState} | {UNHEALTHY} for rid in shown}
+        return progress_snapshots(rows)
+
+
+def progress_snapshots(rows: list[Any]) -> dict[str, dict[str, Any]]:
+    """Per rollout, what ``GET /rollouts/{id}`` counts (devices, by state, unhealthy, by wave),
+    its status and the database's time of the count, from rows of (rollout_id, status, current_wave,
+    wave, state, health, n, as_of)."""
+    found: dict[str, dict[str, Any]] = {}
+    waves: dict[str, dict[int, dict[str, int]]] = {}
+    for row in rows:
+        rid = str(row["rollout_id"])
+        snapshot = found.setdefault(rid, {
+            "rollout_id": rid, "status": row["status"], "current_wave": row["current_wave"], "devices": 0,
+            "by_state": {}, "unhealthy": 0, "as_of": row["as_of"].isoformat(),
+            "as_of_ms": int(row["as_of"].timestamp() * 1000)})
+        if row["state"] is None:
+            continue
+        snapshot["devices"] += row["n"]
+        snapshot["by_state"][row["state"]] = snapshot["by_state"].get(row["state"], 0) + row["n"]
+        if row["state"] == "SUCCEEDED" and row["health"] == "failed":
+            snapshot["unhealthy"] += row["n"]
+        wave = waves.setdefault(rid, {}).setdefault(row["wave"], {})
+        wave[row["state"]] = wave.get(row["state"], 0) + row["n"]
+    for rid, snapshot in found.items():
+        snapshot["waves"] = [{"wave": w, "size": sum(states.values()), "by_state": dict(sorted(states.items()))}
+                             for w, states in sorted(waves.get(rid, {}).items())]
+        snapshot["by_state"] = dict(sorted(snapshot["by_state"].items()))
+    return found

@@ -13,13 +13,14 @@ SENSOR_DATA = "sensor-data"
 SENSOR_DATA_DLQ = "sensor-data-dlq"
 DEVICE_EVENTS = "device-events"
 FIRMWARE_STATUS = "firmware-status"
+ROLLOUT_PROGRESS = "rollout-progress"
 
 # The header naming what a record is: telemetry, heartbeat or firmware/status from the bridge,
 # lifecycle from the outbox relay (device-events carries both lifecycle events and heartbeats).
 KIND_HEADER = "iotflow-kind"
 
 # Topics iotflow creates up front (Faust creates its own changelog topics).
-ALL = (SENSOR_DATA, SENSOR_DATA_DLQ, DEVICE_EVENTS, FIRMWARE_STATUS)
+ALL = (SENSOR_DATA, SENSOR_DATA_DLQ, DEVICE_EVENTS, FIRMWARE_STATUS, ROLLOUT_PROGRESS)
 
 
 def name(settings: Settings, topic: str) -> str:
@@ -28,7 +29,10 @@ def name(settings: Settings, topic: str) -> str:
 
 def topic_config(settings: Settings, topic: str) -> dict[str, str]:
     """Broker-side configuration the iotflow topic ``topic`` (unprefixed) is created with."""
-    return {"min.insync.replicas": str(settings.min_insync_replicas)}
+    config = {"min.insync.replicas": str(settings.min_insync_replicas)}
+    if topic == ROLLOUT_PROGRESS:
+        config["cleanup.policy"] = "compact"  # only each rollout's latest snapshot matters
+    return config
 
 
 def _raw_topic(app: faust.App, settings: Settings, topic: str) -> faust.TopicT:
@@ -63,3 +67,8 @@ def device_events(app: faust.App, settings: Settings) -> faust.TopicT:
     """Device lifecycle events (outbox relay) and heartbeats (bridge), keyed by device id; the
     ``iotflow-kind`` header tells them apart."""
     return _raw_topic(app, settings, DEVICE_EVENTS)
+
+
+def rollout_progress(app: faust.App, settings: Settings) -> faust.TopicT:
+    """Snapshots of rollouts' progress from the leader's orchestrator, keyed by rollout id (JSON)."""
+    return _raw_topic(app, settings, ROLLOUT_PROGRESS)

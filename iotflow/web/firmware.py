@@ -10,6 +10,8 @@ and value.
 """
 from __future__ import annotations
 
+import json
+
 import faust
 from faust.web import Request, Response, View
 
@@ -19,7 +21,9 @@ from iotflow.firmware import Firmware, FirmwareCatalogue, parse_firmware
 from iotflow.rollout_store import RolloutStore
 from iotflow.rollouts import ROLLOUT_STATUSES, parse_idempotency_key, parse_rollout_request
 from iotflow.web.auth import Guard
-from iotflow.web.problems import HEADER, answer, request_id
+from iotflow.tables.batched import stored
+from iotflow.web.problems import HEADER, answer, problem, request_id
+from iotflow.web.routing import key_partition, table_route
 
 PREFIX = "/api/v1/firmware"
 
@@ -63,7 +67,7 @@ def register(app: faust.App, catalogue: FirmwareCatalogue, guard: Guard) -> None
 ROLLOUTS = PREFIX + "/rollouts"
 
 
-def register_rollouts(app: faust.App, store: RolloutStore, guard: Guard) -> None:
+def register_rollouts(app: faust.App, store: RolloutStore, guard: Guard, progress: faust.Table) -> None:
     """``/api/v1/firmware/rollouts`` (registered before ``/api/v1/firmware/{version}``, which would
     otherwise take the path for a version named "rollouts")."""
 
@@ -96,6 +100,20 @@ def register_rollouts(app: faust.App, store: RolloutStore, guard: Guard) -> None
         async def work() -> Response:
             return self.json(await store.get(rollout_id), headers={HEADER: request_id(request)})
         return await answer(self, request, work)
+
+    @app.page(ROLLOUTS + "/{rollout_id}/progress")
+    @guard.requires("viewer")
+    @table_route(app, progress, "rollout_id")
+    async def rollout_progress(self: View, request: Request, rollout_id: str) -> Response:
+        """The rollout's latest progress snapshot as the rollout-progress table holds it (answered by
+        the worker owning the key; eventually what ``GET /rollouts/{id}`` counts, within a tick)."""
+        key = rollout_id.encode()
+        raw = stored(progress, key_partition(app, progress, key), key)
+        if raw is None:
+            return problem(self, request, 404, "No progress for this rollout",
+                           f"no snapshot of {rollout_id!r} in the rollout-progress table (unknown, or ended "
+                           "over an hour before the table was built)", rollout_id=rollout_id)
+        return self.json(json.loads(raw), headers={HEADER: request_id(request)})
 
     for action in ACTIONS:
         _register_action(app, store, guard, action)

@@ -153,6 +153,13 @@ def document() -> dict[str, Any]:
                            "responses": {"200": _json(_ref("Rollout"), "the rollout"), "404": _problem("unknown"),
                                          **_PROBLEMS}}}
     rollout_param = {"name": "rollout_id", "in": "path", "required": True, "schema": {"type": "string"}}
+    rollout_progress = {"get": {
+        "summary": "A rollout's latest progress snapshot from the rollout-progress table (routed to its owner)",
+        "security": [{"bearer": []}],
+        "parameters": [{"name": "rollout_id", "in": "path", "required": True,
+                        "schema": {"type": "string", "pattern": f"^{DEVICE_ID.pattern}$"}}],
+        "responses": {"200": _json({"type": "object"}, "counts per state and per wave, and when they were counted"),
+                      "404": _problem("no snapshot in the table"), **_PROBLEMS}}}
     rollout_actions = {
         f"/api/v1/firmware/rollouts/{{rollout_id}}/{action}": {"post": {
             "summary": summary, "security": [{"bearer": []}], "parameters": [rollout_param],
@@ -191,6 +198,7 @@ def document() -> dict[str, Any]:
             "/api/v1/firmware": firmware_list,
             "/api/v1/firmware/rollouts": rollouts,
             "/api/v1/firmware/rollouts/{rollout_id}": one_rollout,
+            "/api/v1/firmware/rollouts/{rollout_id}/progress": rollout_progress,
             **rollout_actions,
             "/api/v1/firmware/rollouts/{rollout_id}/rollback": rollback,
             "/api/v1/flags": flags,

@@ -123,6 +123,18 @@ class Rig:
         assert status == 200, body
         return body
 
+    def progress_as_counted(self, rollout_id: str, worker=None) -> dict | None:
+        """The rollout-progress table's snapshot, served by ``worker`` (routed to the key's owner),
+        if it says what PostgreSQL says now; else None (not there yet, or a tick behind)."""
+        counted = self.rollout(rollout_id)
+        status, _, snapshot = http_json("GET", f"{(worker or self.worker).url}/api/v1/firmware/rollouts/"
+                                               f"{rollout_id}/progress", headers=self.admin)
+        if status in (404, 503):
+            return None
+        assert status == 200, snapshot
+        fields = ("status", "current_wave", "devices", "by_state", "unhealthy", "waves")
+        return snapshot if all(snapshot[f] == counted[f] for f in fields) else None
+
     def wait_status(self, rollout_id: str, statuses: set[str], timeout: float) -> dict:
         assert wait_for(lambda: self.rollout(rollout_id)["status"] in statuses, timeout=timeout), self.rollout(rollout_id)
         return self.rollout(rollout_id)
@@ -216,6 +228,11 @@ def test_a_thousand_devices_take_good_firmware_in_waves_once_each_from_ten_concu
     assert set(r.versions().values()) == {version}
     progress = r.worker.metric(f'iotflow_firmware_update_progress{{rollout_id="{rollout_id}",status="SUCCEEDED"')
     assert progress == 1000
+    # The rollout view served from the rollout-progress table says the same as PostgreSQL.
+    snapshot = wait_for(lambda: r.progress_as_counted(rollout_id), timeout=30)
+    assert snapshot and snapshot["status"] == "completed" and snapshot["by_state"] == {"SUCCEEDED": 1000}, \
+        (r.rollout(rollout_id), http_json("GET", f"{r.worker.url}/api/v1/firmware/rollouts/{rollout_id}/progress",
+                                          headers=r.admin)[2])
 
 
 @pytest.mark.timeout(600)
@@ -268,12 +285,15 @@ def test_pause_holds_dispatch_and_cancel_ends_the_rollout(rig):
     held = r.counter.total()
     time.sleep(2.0)
     assert r.counter.total() == held
+    # The table-served view follows, live: paused, with the counts PostgreSQL has.
+    assert wait_for(lambda: (p := r.progress_as_counted(rollout["id"])) and p["status"] == "paused", timeout=20)
     assert http_json("POST", url + "/resume", headers=r.admin)[2]["status"] == "running"
     assert wait_for(lambda: r.counter.total() > held, timeout=30)
     status, _, canceled = http_json("POST", url + "/cancel", headers=r.admin)
     assert (status, canceled["status"]) == (200, "canceled")
     assert canceled["by_state"].get("CANCELED", 0) > 0 and "QUEUED" not in canceled["by_state"]
     assert http_json("POST", url + "/resume", headers=r.admin)[0] == 409
+    assert wait_for(lambda: (p := r.progress_as_counted(rollout["id"])) and p["status"] == "canceled", timeout=20)
 
 
 @pytest.mark.timeout(600)

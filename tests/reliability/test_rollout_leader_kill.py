@@ -32,6 +32,10 @@ def test_the_leader_killed_mid_rollout_the_other_worker_finishes_it_without_a_se
         {"rollout": {k: done.get(k) for k in ("status", "by_state")}, "answers": answers,
          "unfinished": _unfinished(r, rollout["id"])})
     assert r.worker.log_text().count("orchestrator_tick") > ticks_before  # the survivor took over
+    # The survivor's rollout-progress table (its leader publishes now) says what PostgreSQL says.
+    snapshot = wait_for(lambda: r.progress_as_counted(rollout["id"]), timeout=30)
+    assert snapshot and snapshot["status"] == "completed", http_json(
+        "GET", f"{r.worker.url}/api/v1/firmware/rollouts/{rollout['id']}/progress", headers=r.admin)[2]
     # Each device saw one command id (re-publishing the same id is allowed; the device applies it once).
     assert len(r.counter.by_device) == 200
     assert {len(set(ids)) for ids in r.counter.by_device.values()} == {1}

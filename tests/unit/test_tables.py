@@ -10,7 +10,7 @@ def test_every_table_partition_database_is_bounded_by_the_settings(tmp_path):
     settings = Settings.from_env({"IOTFLOW_ROCKSDB_BLOCK_CACHE_MIB": "16", "IOTFLOW_ROCKSDB_WRITE_BUFFER_MIB": "2",
                                   "IOTFLOW_DATA_DIR": str(tmp_path), "IOTFLOW_JWT_SECRET": "x" * 40})
     app = create_app(settings)
-    assert len(app.tables) == 5
+    assert len(app.tables) == 6
     for table in app.tables.values():
         options = table.data.rocksdb_options
         assert (options.block_cache_size, options.write_buffer_size, options.max_write_buffer_number) == (
