@@ -36,6 +36,17 @@ class TokenBuckets:
         delay = tat - tolerance - now
         return delay if delay > 1e-6 else 0.0  # below a microsecond is float noise, not a limit
 
+    def admit(self, key: str, now: float) -> float:
+        """For callers that refuse instead of delaying: 0 when ``key`` is within its rate (a token is
+        taken), else the seconds until it would be (nothing taken: a refused request costs nothing)."""
+        interval = 1.0 / self.rate_per_s
+        tat = max(self._tat.get(key, now), now)
+        wait = tat - (self.burst - 1) * interval - now
+        if wait > 1e-6:
+            return wait
+        self._tat[key] = tat + interval
+        return 0.0
+
     def forget_idle(self, now: float) -> None:
         """Drop keys whose buckets are full again (bounded memory with many devices)."""
         for key in [k for k, tat in self._tat.items() if tat <= now]:

@@ -10,6 +10,7 @@ import re
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
+from urllib.parse import urlsplit
 
 import asyncpg
 
@@ -18,6 +19,8 @@ from iotflow.errors import FirmwareConflict, FirmwareNotFound
 from iotflow.registry import DeviceRegistry
 
 _URL = re.compile(r"https?://[^\s\x00-\x1f\x7f]{1,2040}")
+# A DNS name or an IPv4 address (urlsplit lower-cases it); an IPv6 literal comes without brackets.
+_HOST = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?(\.[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)*|[0-9a-f:.]+")
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 MAX_SIZE_BYTES = 1 << 40  # 1 TiB: anything larger is a mistake, not firmware
 _FIELDS = ("version", "url", "size_bytes", "sha256")
@@ -40,6 +43,15 @@ class Firmware:
         return [name for name in _FIELDS[1:] if getattr(self, name) != getattr(other, name)]
 
 
+def _url_parses(url: str) -> bool:
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - raises ValueError on a bad port
+    except ValueError:  # e.g. "Invalid IPv6 URL" for a stray bracket in the host
+        return False
+    return bool(parts.hostname) and _HOST.fullmatch(parts.hostname) is not None
+
+
 def parse_firmware(body: bytes) -> Firmware:
     """A catalogue entry from a request body; every bad field is named with its value."""
     raw = json_object(body)
@@ -54,6 +66,9 @@ def parse_firmware(body: bytes) -> Firmware:
     if version == "rollouts":  # /api/v1/firmware/rollouts is the rollouts' collection
         errors.add("version", version, "a version other than the reserved word 'rollouts'")
     url = check_text(errors, "url", raw["url"], _URL, "an http(s) URL of at most 2048 characters") if "url" in raw else None
+    if url is not None and not _url_parses(url):
+        errors.add("url", url, "expected an http(s) URL with a valid host (a device must be able to fetch it)")
+        url = None
     sha256 = check_text(errors, "sha256", raw["sha256"], _SHA256, "64 lowercase hex digits") if "sha256" in raw else None
     size = raw.get("size_bytes")
     if "size_bytes" in raw and (not isinstance(size, int) or isinstance(size, bool) or not 0 < size <= MAX_SIZE_BYTES):

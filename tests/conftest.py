@@ -28,6 +28,12 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             item.add_marker(pytest.mark.reliability)
 
 
+# Every test client signs as one subject, and many tests write through the API faster than a
+# production client may: their workers lift the per-subject write limit, which
+# tests/integration/test_api_limits.py proves with a worker of its own.
+UNLIMITED_WRITES = {"IOTFLOW_API_WRITE_RATE_PER_S": "100000", "IOTFLOW_API_WRITE_BURST": "100000"}
+
+
 @pytest.fixture(scope="session")
 def stack() -> Settings:
     """The settings of the running local stack; fails (never skips) when it is down."""
@@ -103,6 +109,7 @@ def start_worker(settings: Settings, tmp_path: Path) -> Iterator[Callable[..., W
             "IOTFLOW_TOPIC_PREFIX": settings.topic_prefix,
             "IOTFLOW_WEB_PORT": port,
             "IOTFLOW_DATA_DIR": str(state),
+            **UNLIMITED_WRITES,
             **overrides,
         }
         worker = WorkerProcess(env, tmp_path / f"worker-{port}.log").start()
@@ -127,7 +134,7 @@ def start_module_worker(stack: Settings, tmp_path_factory: pytest.TempPathFactor
         asyncio.run(ensure_topics(own))
         state = tmp_path_factory.mktemp(name)
         env = {"IOTFLOW_APP_ID": own.app_id, "IOTFLOW_TOPIC_PREFIX": own.topic_prefix,
-               "IOTFLOW_WEB_PORT": str(free_port()), "IOTFLOW_DATA_DIR": str(state)}
+               "IOTFLOW_WEB_PORT": str(free_port()), "IOTFLOW_DATA_DIR": str(state), **UNLIMITED_WRITES}
         worker = WorkerProcess(env, state / "worker.log").start()
         started.append(worker)
         worker.wait_ready()

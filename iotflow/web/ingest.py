@@ -32,7 +32,7 @@ def register(app: faust.App, settings: Settings, guard: Guard) -> None:
 
     @app.page("/api/v1/ingest")
     class Ingest(View):
-        @guard.requires("operator")
+        @guard.requires("operator", rate_limited=False)
         async def post(self, request: Request) -> Response:
             body = await self.read_request_content(request)
             try:

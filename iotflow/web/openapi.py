@@ -35,7 +35,9 @@ def _problem(description: str) -> dict[str, Any]:
 _PROBLEMS = {
     "401": _problem("no valid bearer token"),
     "403": _problem("the token's role does not allow this"),
+    "413": _problem("the request body is larger than IOTFLOW_API_MAX_BODY_BYTES"),
     "422": _problem("invalid request: every bad field named"),
+    "429": _problem("too many mutating requests for this token's subject; retry after Retry-After seconds"),
     "503": _problem("a database is not answering, or a table's owner is not known yet; retry after Retry-After seconds"),
 }
 _DEVICE_ID = {"name": "device_id", "in": "path", "required": True,

@@ -2,6 +2,8 @@ from __future__ import annotations
 
 import random
 
+import pytest
+
 from hypothesis import given, strategies as st
 
 from iotflow.backoff import TokenBuckets, full_jitter
@@ -35,3 +37,14 @@ def test_idle_buckets_are_forgotten():
     buckets.reserve("d", now=0)
     buckets.forget_idle(now=5)
     assert len(buckets) == 0
+
+
+def test_admit_takes_the_burst_then_refuses_without_taking_anything():
+    buckets = TokenBuckets(rate_per_s=2.0, burst=3)
+    assert [buckets.admit("a", 100.0) for _ in range(3)] == [0.0, 0.0, 0.0]
+    wait = buckets.admit("a", 100.0)
+    assert wait == pytest.approx(0.5)
+    # Refusals cost nothing: asking again and again does not push the next admission further out.
+    assert [buckets.admit("a", 100.0) for _ in range(5)] == [pytest.approx(0.5)] * 5
+    assert buckets.admit("a", 100.5) == 0.0 and buckets.admit("a", 100.5) > 0
+    assert buckets.admit("b", 100.0) == 0.0  # each key its own budget
