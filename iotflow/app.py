@@ -35,7 +35,7 @@ from iotflow.tables.batched import TableBatch, stored, warm_changelog_metadata
 from iotflow.telemetry import Limits
 from iotflow.transport import FlowControl, Transport
 from iotflow.worker import Worker as DrainingWorker
-from iotflow.web import devices, firmware as firmware_views, flags as flag_views, hardening, health, ingest as ingest_views, openapi, pipeline
+from iotflow.web import audit as audit_views, devices, firmware as firmware_views, flags as flag_views, hardening, health, ingest as ingest_views, openapi, pipeline
 from iotflow.web.auth import Guard
 
 log = structlog.get_logger(__name__)
@@ -141,6 +141,7 @@ def create_app(settings: Settings) -> faust.App:
     firmware_views.register_rollouts(app, rollout_store, guard, progress_table)
     firmware_views.register(app, FirmwareCatalogue(registry), guard)
     flag_views.register(app, Flags(registry.connection), guard)
+    audit_views.register(app, registry, guard)
     health.register_readiness(app, registry_pool, cache)
     observability.register(app, settings, ingest_pipeline,
                            {"sink": sink.pool, "registry": registry_pool, "measurements": measurements_pool})

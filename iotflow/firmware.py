@@ -14,6 +14,7 @@ from urllib.parse import urlsplit
 
 import asyncpg
 
+from iotflow import audit
 from iotflow.devices import FIRMWARE_VERSION, FieldErrors, check_text, json_object
 from iotflow.errors import FirmwareConflict, FirmwareNotFound
 from iotflow.registry import DeviceRegistry
@@ -89,12 +90,14 @@ class FirmwareCatalogue:
 
     async def add(self, firmware: Firmware) -> tuple[Firmware, bool]:
         """The catalogue entry and whether this call created it."""
-        async with self.connection() as conn:
+        async with self.connection(transaction=True) as conn:
             created = await conn.fetchrow(
                 "INSERT INTO firmware (version, url, size_bytes, sha256) VALUES ($1, $2, $3, $4) "
                 "ON CONFLICT (version) DO NOTHING RETURNING version, url, size_bytes, sha256, created_at",
                 firmware.version, firmware.url, firmware.size_bytes, firmware.sha256)
             if created is not None:
+                await audit.record(conn, "firmware.publish", "firmware", firmware.version, url=firmware.url,
+                                   sha256=firmware.sha256, size_bytes=firmware.size_bytes)
                 return _firmware(created), True
             existing = _firmware(await conn.fetchrow(
                 "SELECT version, url, size_bytes, sha256, created_at FROM firmware WHERE version = $1",

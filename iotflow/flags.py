@@ -19,6 +19,7 @@ from typing import Any
 
 import asyncpg
 
+from iotflow import audit
 from iotflow.devices import FieldErrors, json_object
 from iotflow.errors import FlagNotFound
 
@@ -83,11 +84,12 @@ class Flags:
         self.connection = connection
 
     async def set(self, flag: Flag) -> Flag:
-        async with self.connection() as conn:
+        async with self.connection(transaction=True) as conn:
             record = await conn.fetchrow(
                 "INSERT INTO feature_flags (name, enabled, percentage) VALUES ($1, $2, $3) "
                 "ON CONFLICT (name) DO UPDATE SET enabled = $2, percentage = $3, updated_at = now() "
                 f"RETURNING {_COLUMNS}", flag.name, flag.enabled, flag.percentage)
+            await audit.record(conn, "flag.set", "flag", flag.name, enabled=flag.enabled, percentage=flag.percentage)
         return _flag(record)
 
     async def get(self, name: str) -> Flag:

@@ -21,6 +21,7 @@ from typing import Any
 
 import asyncpg
 
+from iotflow import audit
 from iotflow.devices import Change, Device, DeviceQuery, DeviceStatus, Registration, encode_cursor, parse_registration
 from iotflow.errors import DeviceConflict, DeviceNotFound, IotflowError, RegistryUnavailable, VersionMismatch
 from iotflow.pg import LazyPool, is_transient
@@ -77,6 +78,7 @@ class DeviceRegistry:
             if created is not None:
                 device = _device(created)
                 await _event(conn, device, "registered")
+                await audit.record(conn, "device.register", "device", device.id)
                 return device, True
             existing = _device(await conn.fetchrow(f"SELECT {_COLUMNS} FROM devices WHERE id = $1",
                                                    registration.id))
@@ -102,6 +104,10 @@ class DeviceRegistry:
             )
             for record in created:
                 await _event(conn, _device(record), "registered")
+            if created:
+                ids = sorted(r["id"] for r in created)
+                await audit.record(conn, "device.provision", "device", f"{ids[0]}..{ids[-1]}", count=len(ids),
+                                   ids=ids[:100])
         return len(created)
 
     async def get(self, device_id: str) -> Device:
@@ -147,6 +153,8 @@ class DeviceRegistry:
             )
             device = _device(record)
             await _event(conn, device, "updated", changed=sorted(change.values))
+            await audit.record(conn, "device.update", "device", device_id, changed=sorted(change.values),
+                               version=device.version)
             return device
 
     async def record_last_seen(self, seen: dict[str, datetime]) -> int:
@@ -172,6 +180,7 @@ class DeviceRegistry:
             )
             device = _device(record)
             await _event(conn, device, "deleted")
+            await audit.record(conn, "device.delete", "device", device_id, version=device.version)
             return device
 
 

@@ -17,7 +17,7 @@ from typing import Any
 
 import asyncpg
 
-from iotflow import metrics
+from iotflow import audit, metrics
 from iotflow.errors import IdempotencyMismatch, InvalidRequest, RolloutConflict, RolloutNotFound
 from iotflow.maintenance import next_opening, window_open, windows_from_spec
 from iotflow.registry import DeviceRegistry, set_firmware_version
@@ -52,6 +52,8 @@ class RolloutStore:
                     "INSERT INTO rollout_devices (device_id, rollout_id, wave, from_version) "
                     "SELECT d, $1, w, v FROM unnest($2::text[], $3::int[], $4::text[]) AS t(d, w, v)",
                     rollout_id, [r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows])
+                await audit.record(conn, "rollout.create", "rollout", str(rollout_id), firmware=request.firmware,
+                                   devices=len(rows), idempotency_key=key)
                 return await _read(conn, rollout_id), True
             existing = await conn.fetchrow("SELECT id, request_sha256 FROM rollouts WHERE idempotency_key = $1", key)
         if existing["request_sha256"] != request.sha256:
@@ -123,6 +125,7 @@ class RolloutStore:
                         "UPDATE rollout_devices SET state = 'CANCELED', state_changed_at = now(), error = 'rollout canceled' "
                         "WHERE rollout_id = $1 AND state = 'QUEUED'", parsed)
                     metrics.ROLLOUTS_ENDED.labels("canceled").inc()
+                await audit.record(conn, f"rollout.{action}", "rollout", str(parsed), status_before=status)
             return await _read(conn, parsed)
 
     async def rollback(self, rollout_id: str) -> tuple[dict[str, Any], bool]:
@@ -171,6 +174,8 @@ class RolloutStore:
                 "INSERT INTO rollout_devices (device_id, rollout_id, wave, from_version, target_version) "
                 "SELECT d, $1, 0, v, t FROM unnest($2::text[], $3::text[], $4::text[]) AS x(d, v, t)",
                 rollback_id, [r["device_id"] for r in rows], [now_at.get(r["device_id"]) for r in rows], versions)
+            await audit.record(conn, "rollout.rollback", "rollout", str(parsed), rollback_id=str(rollback_id),
+                               firmware=main, devices=len(rows))
             return await _read(conn, rollback_id), True
 
     async def list(self, status: str | None) -> list[dict[str, Any]]:

@@ -18,11 +18,11 @@ from typing import Any
 
 from faust.web import Request, Response, View
 
-from iotflow import auth
+from iotflow import audit, auth
 from iotflow.backoff import TokenBuckets
 from iotflow.errors import Forbidden, Unauthorized
 from iotflow.settings import Settings
-from iotflow.web.problems import problem
+from iotflow.web.problems import problem, request_id
 
 Handler = Callable[..., Awaitable[Response]]
 _MUTATING = frozenset({"POST", "PUT", "PATCH", "DELETE"})
@@ -68,6 +68,8 @@ class Guard:
                                            f"retry in {math.ceil(wait)} s", retry_after_s=math.ceil(wait))
                         response.headers["Retry-After"] = str(math.ceil(wait))
                         return response
-                return await handler(view, request, *args, **kwargs)
+                # What the handler changes is recorded as this principal's (iotflow/audit.py).
+                with audit.acting(audit.Actor(principal.subject, principal.role, request_id(request))):
+                    return await handler(view, request, *args, **kwargs)
             return guarded
         return decorate

@@ -178,6 +178,15 @@ def document() -> dict[str, Any]:
                                        "200": _json(_ref("Rollout"), "the rollback created before"),
                                        "404": _problem("unknown"), "409": _problem("no device succeeded in it"),
                                        **_PROBLEMS}}}
+    text_param = {"type": "string", "pattern": "^[\\x21-\\x7e]{1,200}$"}
+    audit_log = {"get": {
+        "summary": "The audit log (admin): mutating calls that changed something, newest first",
+        "security": [{"bearer": []}],
+        "parameters": [*({"name": n, "in": "query", "schema": text_param} for n in ("actor", "action", "target_type", "target_id")),
+                       {"name": "before", "in": "query", "schema": {"type": "integer", "minimum": 1}},
+                       {"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1, "maximum": 500}}],
+        "responses": {"200": _json({"type": "object"}, "items (id, at, actor, role, action, target_type, target_id, "
+                                                      "request_id, details) and next_before"), **_PROBLEMS}}}
     flag_param = {"name": "name", "in": "path", "required": True, "schema": {"type": "string"}}
     flags = {"get": {"summary": "Feature flags", "security": [{"bearer": []}],
                      "responses": {"200": _json({"type": "object"}, "every flag"), **_PROBLEMS}}}
@@ -204,6 +213,7 @@ def document() -> dict[str, Any]:
             **rollout_actions,
             "/api/v1/firmware/rollouts/{rollout_id}/rollback": rollback,
             "/api/v1/flags": flags,
+            "/api/v1/audit": audit_log,
             "/api/v1/flags/{name}": one_flag,
             "/api/v1/firmware/{version}": firmware_one,
             "/api/v1/pipeline/accounting": accounting,
