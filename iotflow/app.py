@@ -35,7 +35,7 @@ from iotflow.tables.batched import TableBatch, stored, warm_changelog_metadata
 from iotflow.telemetry import Limits
 from iotflow.transport import FlowControl, Transport
 from iotflow.worker import Worker as DrainingWorker
-from iotflow.web import audit as audit_views, devices, firmware as firmware_views, flags as flag_views, hardening, health, ingest as ingest_views, openapi, pipeline
+from iotflow.web import audit as audit_views, console as console_views, devices, firmware as firmware_views, flags as flag_views, hardening, health, ingest as ingest_views, openapi, pipeline
 from iotflow.web.auth import Guard
 
 log = structlog.get_logger(__name__)
@@ -154,6 +154,7 @@ def create_app(settings: Settings) -> faust.App:
             log.exception("changelog_metadata_warm_up_failed")
 
     openapi.register(app)
+    console_views.register(app)
     hardening.install(app, settings.api_max_body_bytes)
     _close_on_stop(app, relay, cache, publisher, registry_pool, measurements_pool)
     return app

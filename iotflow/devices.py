@@ -57,6 +57,7 @@ class DeviceQuery:
     tags: tuple[str, ...] = ()
     limit: int = DEFAULT_PAGE
     after: str | None = None  # the last id of the previous page (keyset pagination by id)
+    q: str | None = None  # a piece of the id or the name, any case
 
 
 @dataclass(frozen=True)
@@ -221,7 +222,7 @@ def _decode_cursor(errors: FieldErrors, cursor: str) -> str | None:
 def parse_query(params: Any) -> DeviceQuery:
     """``GET /devices`` query parameters (a multidict: ``tag`` may repeat)."""
     errors = FieldErrors()
-    known = {"type", "status", "firmware_version", "tag", "limit", "cursor"}
+    known = {"type", "status", "firmware_version", "tag", "limit", "cursor", "q"}
     for name in sorted(set(params.keys()) - known):
         errors.add(name, params.get(name), "unknown query parameter")
     values: dict[str, Any] = {}
@@ -237,6 +238,12 @@ def parse_query(params: Any) -> DeviceQuery:
             values["limit"] = int(raw)
     if "cursor" in params:
         values["after"] = _decode_cursor(errors, params.get("cursor"))
+    if "q" in params:
+        q = params.get("q")
+        if not 1 <= len(q) <= MAX_NAME or _CONTROL.search(q):
+            errors.add("q", q, f"1 to {MAX_NAME} characters without control characters")
+        else:
+            values["q"] = q
     errors.raise_any("Invalid device query")
     return DeviceQuery(**values)
 

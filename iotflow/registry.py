@@ -132,6 +132,9 @@ class DeviceRegistry:
         if query.after is not None:
             args.append(query.after)
             where.append(f"id > ${len(args)}")
+        if query.q is not None:
+            args.append("%" + query.q.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%")
+            where.append(f"(id ILIKE ${len(args)} OR name ILIKE ${len(args)})")
         args.append(query.limit + 1)
         sql = f"SELECT {_COLUMNS} FROM devices WHERE {' AND '.join(where)} ORDER BY id LIMIT ${len(args)}"
         async with self.connection() as conn:
@@ -156,6 +159,28 @@ class DeviceRegistry:
             await audit.record(conn, "device.update", "device", device_id, changed=sorted(change.values),
                                version=device.version)
             return device
+
+    async def summary(self, offline_after_s: float) -> dict[str, int]:
+        """Devices live, online (a heartbeat within ``offline_after_s``, as PostgreSQL's last_seen
+        has it — written every few seconds), offline, and deleted."""
+        async with self.connection() as conn:
+            row = await conn.fetchrow(
+                "SELECT count(*) FILTER (WHERE deleted_at IS NULL) AS live, "
+                "count(*) FILTER (WHERE deleted_at IS NULL AND last_seen > now() - make_interval(secs => $1)) AS online, "
+                "count(*) FILTER (WHERE deleted_at IS NOT NULL) AS deleted FROM devices", offline_after_s)
+        return {"live": row["live"], "online": row["online"], "offline": row["live"] - row["online"],
+                "deleted": row["deleted"]}
+
+    async def firmware_history(self, device_id: str) -> list[dict[str, Any]]:
+        """The device's rollout executions, newest first: what it was sent, from which version, how it ended."""
+        async with self.connection() as conn:
+            rows = await conn.fetch(
+                "SELECT r.rollout_id, coalesce(r.target_version, o.firmware_version) AS firmware_version, "
+                "r.from_version, r.state, r.health, r.attempts, r.state_changed_at, o.status AS rollout_status "
+                "FROM rollout_devices r JOIN rollouts o ON o.id = r.rollout_id WHERE r.device_id = $1 "
+                "ORDER BY o.created_at DESC LIMIT 100", device_id)
+        return [{**dict(r), "rollout_id": str(r["rollout_id"]), "state_changed_at": r["state_changed_at"].isoformat()}
+                for r in rows]
 
     async def record_last_seen(self, seen: dict[str, datetime]) -> int:
         """Move ``last_seen`` forward for these devices in one statement (never backward, never a

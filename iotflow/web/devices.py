@@ -124,6 +124,24 @@ def register(app: faust.App, settings: Settings, registry: DeviceRegistry, cache
             return self.json(body, headers={HEADER: request_id(request)})
         return await answer(self, request, work)
 
+    @app.page(PREFIX + "/{device_id}/firmware")
+    @guard.requires("viewer")
+    async def firmware_history(self: View, request: Request, device_id: str) -> Response:
+        """The device's rollout executions, newest first (the console's firmware history)."""
+        async def work() -> Response:
+            await read(device_id)  # 404 for an unknown or deleted device
+            return self.json({"device_id": device_id, "items": await registry.firmware_history(device_id)},
+                             headers={HEADER: request_id(request)})
+        return await answer(self, request, work)
+
+    @app.page("/api/v1/fleet/summary")
+    @guard.requires("viewer")
+    async def fleet_summary(self: View, request: Request) -> Response:
+        """Devices live, online, offline and deleted (online: a heartbeat within IOTFLOW_OFFLINE_AFTER_S)."""
+        async def work() -> Response:
+            return self.json(await registry.summary(settings.offline_after_s), headers={HEADER: request_id(request)})
+        return await answer(self, request, work)
+
     @app.page(PREFIX + "/{device_id}/state")
     @guard.requires("viewer")
     @table_route(app, table, "device_id")

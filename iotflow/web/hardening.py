@@ -4,7 +4,8 @@
   it is refused with 413 before a byte is read, and a body without one (chunked) is read in pieces
   and refused as soon as it passes the bound — Faust's own reader would take any size into memory.
 * Every answer carries ``X-Content-Type-Options: nosniff``, ``X-Frame-Options: DENY`` and
-  ``Referrer-Policy: no-referrer``; the JSON API also ``Cache-Control: no-store``.
+  ``Referrer-Policy: no-referrer``; the JSON API also ``Cache-Control: no-store``, the console a
+  Content-Security-Policy that admits only this origin.
 
 Per-token rate limits of mutating requests live with the token checks (iotflow/web/auth.py).
 """
@@ -18,6 +19,9 @@ from aiohttp import web
 from iotflow.web.problems import HEADER, request_id
 
 _CHUNK = 64 * 1024
+# The console's scripts, styles and API calls come from this origin only; no inline code, no frames.
+CONSOLE_POLICY = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+                  "connect-src 'self'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'")
 SECURITY_HEADERS = {"X-Content-Type-Options": "nosniff", "X-Frame-Options": "DENY", "Referrer-Policy": "no-referrer"}
 
 
@@ -51,6 +55,8 @@ def install(app: faust.App, max_body_bytes: int) -> None:
         response.headers.update(SECURITY_HEADERS)
         if request.path.startswith("/api/"):
             response.headers.setdefault("Cache-Control", "no-store")
+        elif request.path.startswith("/console"):
+            response.headers["Content-Security-Policy"] = CONSOLE_POLICY
         return response
 
     app.web.read_request_content = bounded_read  # what every view's read_request_content calls

@@ -76,6 +76,8 @@ def document() -> dict[str, Any]:
                     {"name": "tag", "in": "query", "schema": _TAGS, "style": "form", "explode": True},
                     {"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1, "maximum": MAX_PAGE}},
                     {"name": "cursor", "in": "query", "schema": {"type": "string"}},
+                    {"name": "q", "in": "query", "description": "a piece of the id or the name, any case",
+                     "schema": {"type": "string", "minLength": 1, "maxLength": 200}},
                 ],
                 "responses": {"200": _json(_ref("DevicePage"), "one page"), **_PROBLEMS}},
         "post": {"summary": "Register a device (the same registration again changes nothing)",
@@ -205,6 +207,14 @@ def document() -> dict[str, Any]:
             "/api/v1/devices/{device_id}": one_ops,
             "/api/v1/devices/{device_id}/telemetry": telemetry,
             "/api/v1/devices/{device_id}/state": state,
+            "/api/v1/devices/{device_id}/firmware": {"get": {
+                "summary": "The device's rollout executions, newest first", "security": [{"bearer": []}],
+                "parameters": [_DEVICE_ID],
+                "responses": {"200": _json({"type": "object"}, "items"), "404": _problem("unknown or deleted"),
+                              **_PROBLEMS}}},
+            "/api/v1/fleet/summary": {"get": {
+                "summary": "Devices live, online, offline and deleted", "security": [{"bearer": []}],
+                "responses": {"200": _json({"type": "object"}, "the counts"), **_PROBLEMS}}},
             "/api/v1/ingest": ingest,
             "/api/v1/firmware": firmware_list,
             "/api/v1/firmware/rollouts": rollouts,

@@ -308,3 +308,24 @@ def test_heartbeats_mark_a_device_online_and_reach_last_seen_in_postgresql(api, 
 
     assert wait_for(lambda: asyncio.run(last_seen_in_db()) == seen, timeout=60), asyncio.run(last_seen_in_db())
     assert _call("GET", f"{api.url}/{device_id}")[2]["version"] == 1  # presence is not a change of the device
+
+
+def test_devices_are_found_by_a_piece_of_their_id_or_name_and_the_fleet_is_counted(api, run_id):
+    for suffix, name in (("alpha", "Boiler Room"), ("beta", "roof 100%")):
+        assert _call("POST", api.url, {"id": f"srch-{run_id}-{suffix}", "name": name, "type": "t"})[0] == 201
+
+    def ids(q: str) -> list[str]:
+        status, _, body = _call("GET", f"{api.url}?q={quote(q)}&limit=100")
+        assert status == 200, body
+        return [d["id"] for d in body["items"]]
+
+    assert ids(f"srch-{run_id}-AL") == [f"srch-{run_id}-alpha"]  # any case
+    assert f"srch-{run_id}-alpha" in ids("BOILER ROOM")  # names too (other tests' devices may share it)
+    assert f"srch-{run_id}-beta" in ids("100%") and f"srch-{run_id}-alpha" not in ids("100%")  # % is a character
+    assert ids(f"srch-{run_id}_") == []  # so is _
+    status, _, problem = _call("GET", f"{api.url}?q=")
+    assert status == 422 and problem["errors"][0]["field"] == "q"
+
+    status, _, summary = _call("GET", api.url.replace("/devices", "/fleet/summary"))
+    assert status == 200 and summary["live"] >= 2 and summary["live"] == summary["online"] + summary["offline"]
+    assert summary["deleted"] >= 0
