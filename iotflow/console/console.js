@@ -242,19 +242,21 @@ async function rollouts(view) {
   const box = h("div", { id: "rollout-list" });
   const kill = h("div", { class: "toolbar", id: "kill-switch" });
   view.append(h("h2", {}, "Rollouts"), kill, box);
-  refresh(async () => {
+  const load = async () => {
     const [list, flags] = await Promise.all([api("/api/v1/firmware/rollouts"), api("/api/v1/flags")]);
     const switchFlag = (flags.items || flags).find?.((f) => f.name === "rollouts.kill_switch");
     const on = Boolean(switchFlag && switchFlag.enabled);
     kill.replaceChildren(h("span", {}, "Kill switch: "), h("span", { class: `badge ${on ? "red" : "green"}` }, on ? "ON — dispatch stopped" : "off"),
       h("button", { type: "button", class: "danger", disabled: !may("admin"), onclick: async () => {
         if (!confirm(on ? "Turn the kill switch off? Dispatch resumes." : "Turn the kill switch ON? Every rollout stops dispatching.")) return;
-        await api("/api/v1/flags/rollouts.kill_switch", { method: "PUT", body: JSON.stringify({ enabled: !on }) }).catch((e) => showError(e.message));
+        await api("/api/v1/flags/rollouts.kill_switch", { method: "PUT", body: JSON.stringify({ enabled: !on }) })
+          .then(load).catch((e) => showError(e.message));
       } }, on ? "Turn off" : "Turn on"));
     box.replaceChildren(table(["id", "firmware", "status", "created"], list.items.map((r) => h("tr", {},
       h("td", {}, h("a", { href: `#/rollouts/${r.id}` }, r.id.slice(0, 8))), h("td", {}, r.firmware_version),
       h("td", {}, r.status), h("td", {}, when(r.created_at))))));
-  }, 5000);
+  };
+  refresh(load, 5000);
 }
 
 function bar(byState, size, label) {

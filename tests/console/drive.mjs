@@ -1,9 +1,10 @@
 // Drives the operator console in headless Chromium (Debian's /usr/bin/chromium; playwright-core
 // never downloads a browser) and prints what it saw as one JSON line; screenshots go to OUT.
-// Usage: node drive.mjs BASE_URL TOKEN DEVICE_ID ROLLOUT_ID OUT
+// Usage: node drive.mjs BASE_URL TOKEN DEVICE_ID ROLLOUT_ID OUT ADMIN_TOKEN
+// (TOKEN: an operator's; ADMIN_TOKEN: an admin's, for the kill switch)
 import { chromium } from "playwright-core";
 
-const [base, token, deviceId, rolloutId, out] = process.argv.slice(2);
+const [base, token, deviceId, rolloutId, out, adminToken] = process.argv.slice(2);
 const seen = { errors: [] };
 const browser = await chromium.launch({
   executablePath: process.env.CHROMIUM || "/usr/bin/chromium",
@@ -52,6 +53,29 @@ try {
   seen.status = await page.textContent("#rollout-status");
   seen.resume_enabled = await page.isEnabled("#resume");
   await shot("rollout-paused");
+
+  // The kill switch: an operator may not flip it; an admin turns it on (confirmed) and off again.
+  await page.goto(`${base}/console#/rollouts`);
+  await page.waitForSelector("#kill-switch button");
+  seen.kill_switch_operator_enabled = await page.isEnabled("#kill-switch button");
+  const admin = await browser.newContext({ viewport: { width: 1280, height: 800 } });
+  await admin.addInitScript((t) => sessionStorage.setItem("iotflow.token", t), adminToken);
+  const adminPage = await admin.newPage();
+  adminPage.on("console", (m) => { if (m.type() === "error") seen.errors.push(m.text()); });
+  adminPage.on("dialog", (d) => { (seen.kill_dialogs = seen.kill_dialogs || []).push(d.message()); d.accept(); });
+  await adminPage.goto(`${base}/console#/rollouts`);
+  await adminPage.waitForSelector("#kill-switch button:not([disabled])");
+  seen.kill_switch_before = (await adminPage.textContent("#kill-switch .badge")).trim();
+  await adminPage.click("#kill-switch button");
+  await adminPage.waitForFunction(() => document.querySelector("#kill-switch .badge")?.textContent.startsWith("ON"),
+    null, { timeout: 20000 });
+  seen.kill_switch_on = (await adminPage.textContent("#kill-switch .badge")).trim();
+  await adminPage.screenshot({ path: `${out}/kill-switch-on.png`, fullPage: true });
+  await adminPage.click("#kill-switch button");
+  await adminPage.waitForFunction(() => document.querySelector("#kill-switch .badge")?.textContent === "off",
+    null, { timeout: 20000 });
+  seen.kill_switch_after = (await adminPage.textContent("#kill-switch .badge")).trim();
+  await admin.close();
 
   await page.goto(`${base}/console#/pipeline`);
   await page.waitForSelector("#health .badge");

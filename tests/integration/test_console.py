@@ -35,8 +35,13 @@ def test_the_console_shows_the_fleet_a_device_chart_and_a_rollout_it_can_pause(r
     shots = tmp_path / "screenshots"
     shots.mkdir()
     token = r.worker.bearer("operator")["Authorization"].split()[1]
-    done = subprocess.run([node, "drive.mjs", r.worker.url, token, r.ids[0], rollout["id"], str(shots)],
-                          cwd=DRIVER, capture_output=True, text=True, timeout=400)
+    admin = r.worker.bearer("admin")["Authorization"].split()[1]
+    try:
+        done = subprocess.run([node, "drive.mjs", r.worker.url, token, r.ids[0], rollout["id"], str(shots), admin],
+                              cwd=DRIVER, capture_output=True, text=True, timeout=400)
+    finally:  # the kill switch is global: never leave it on for the tests after this one
+        assert http_json("PUT", f"{r.worker.url}/api/v1/flags/rollouts.kill_switch", {"enabled": False},
+                         headers=r.admin)[0] == 200
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     seen = json.loads(done.stdout.strip().splitlines()[-1])
     (tmp_path / "seen.json").write_text(json.dumps(seen, indent=1))  # beside the screenshots
@@ -47,6 +52,11 @@ def test_the_console_shows_the_fleet_a_device_chart_and_a_rollout_it_can_pause(r
     assert seen["status"] == "paused" and seen["resume_enabled"] and "Pause" in seen["dialog"], seen
     assert r.rollout(rollout["id"])["status"] == "paused"
     assert seen["components"] >= 4, seen  # the worker and each dependency, coloured by /health/ready
+    # The kill switch: not an operator's to flip; an admin turns it on (confirmed) and off again.
+    assert seen["kill_switch_operator_enabled"] is False, seen
+    assert (seen["kill_switch_before"], seen["kill_switch_after"]) == ("off", "off"), seen
+    assert seen["kill_switch_on"].startswith("ON"), seen
+    assert ["kill switch ON" in seen["kill_dialogs"][0], "kill switch off" in seen["kill_dialogs"][1]] == [True, True], seen
     # Tab from the top: the sections, the search, then the device found; Enter on it opens it.
     assert seen["tab_stops"][:3] == ["Fleet", "Pipeline", "Rollouts"], seen["tab_stops"]
     assert "Search devices by id or name" in seen["tab_stops"] and seen["tab_stops"][-1] == r.ids[0], seen
@@ -54,4 +64,4 @@ def test_the_console_shows_the_fleet_a_device_chart_and_a_rollout_it_can_pause(r
     assert seen["narrow_overflow"] <= 0, seen
     assert seen["errors"] == [], seen
     assert {p.name for p in shots.iterdir()} >= {"fleet.png", "device.png", "rollout.png", "rollout-paused.png",
-                                                  "pipeline.png", "rollout-narrow.png"}
+                                                  "kill-switch-on.png", "pipeline.png", "rollout-narrow.png"}
