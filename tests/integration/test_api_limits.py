@@ -10,19 +10,11 @@ from urllib.parse import urlsplit
 
 import pytest
 
-from iotflow import auth
-from iotflow.settings import Settings
-from iotflow.testing import http_json, rss_kib, telemetry, wait_for
+from iotflow.testing import bearer, http_json, rss_kib, telemetry, wait_for
 
 pytestmark = pytest.mark.timeout(240)
 
 LIMIT = 64 * 1024
-
-
-def _bearer(settings: Settings, subject: str, role: str = "admin") -> dict[str, str]:
-    token = auth.issue(settings.jwt_secret, role=role, subject=subject, ttl_s=600, issuer=settings.jwt_issuer,
-                       audience=settings.jwt_audience, kid=settings.jwt_kid)
-    return {"Authorization": f"Bearer {token}"}
 
 
 @pytest.fixture
@@ -35,7 +27,7 @@ def worker(start_worker):
 
 def test_mutating_requests_over_a_subjects_rate_get_429_with_retry_after(worker, settings, run_id):
     devices = f"{worker.url}/api/v1/devices"
-    alice, bob = _bearer(settings, f"alice-{run_id}"), _bearer(settings, f"bob-{run_id}")
+    alice, bob = bearer(settings, "admin", f"alice-{run_id}"), bearer(settings, "admin", f"bob-{run_id}")
     answers = [http_json("POST", devices, {"id": f"rl-{run_id}-{i}", "name": "n", "type": "t"}, headers=alice)
                for i in range(7)]
     assert [a[0] for a in answers[:5]] == [201] * 5  # the burst
@@ -93,7 +85,7 @@ def _chunked(total: int, size: int = 16 * 1024):
 
 def test_bodies_over_the_bound_get_413_declared_or_chunked_without_memory_growth(worker, settings, run_id):
     url = f"{worker.url}/api/v1/devices"
-    admin = _bearer(settings, f"big-{run_id}")
+    admin = bearer(settings, "admin", f"big-{run_id}")
     big = json.dumps({"id": f"big-{run_id}", "name": "x" * (LIMIT + 10), "type": "t"}).encode()
     status, headers, problem = http_json("POST", url, big, headers=admin)
     assert status == 413 and problem["limit_bytes"] == LIMIT, problem

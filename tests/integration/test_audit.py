@@ -10,17 +10,9 @@ import uuid
 import asyncpg
 import pytest
 
-from iotflow import auth
-from iotflow.settings import Settings
-from iotflow.testing import http_json
+from iotflow.testing import bearer, http_json
 
 pytestmark = pytest.mark.timeout(240)
-
-
-def _as(settings: Settings, subject: str, role: str) -> dict[str, str]:
-    token = auth.issue(settings.jwt_secret, role=role, subject=subject, ttl_s=600, issuer=settings.jwt_issuer,
-                       audience=settings.jwt_audience, kid=settings.jwt_kid)
-    return {"Authorization": f"Bearer {token}"}
 
 
 def test_each_mutating_call_is_recorded_once_with_who_what_and_its_request_id(settings, start_worker, run_id):
@@ -34,7 +26,7 @@ def test_each_mutating_call_is_recorded_once_with_who_what_and_its_request_id(se
              action: str = "", target: str = "", **headers: str) -> dict:
         request_id = uuid.uuid4().hex
         status, answer_headers, answer = http_json(method, api + path, body, timeout=30, headers={
-            **_as(settings, who, role), "X-Request-ID": request_id, **headers})
+            **bearer(settings, role, who), "X-Request-ID": request_id, **headers})
         assert status == expect, (method, path, answer)
         assert answer_headers["X-Request-ID"] == request_id
         if changed:
