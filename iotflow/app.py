@@ -14,6 +14,7 @@ from iotflow.agents import devices as device_agents, firmware as firmware_agents
 from iotflow.archive import Archive, Archiver
 from iotflow.cache import DeviceCache, client_for
 from iotflow.commands import CommandPublisher
+from iotflow.mqtt_auth import DeviceCredentials
 from iotflow.dedup import DeviceAccount, LatestValues, Mark
 from iotflow.devices import registry_status
 from iotflow.errors import SettingsError
@@ -28,7 +29,7 @@ from iotflow.parking import ParkingLot
 from iotflow.pg import LazyPool
 from iotflow.registry import DeviceRegistry
 from iotflow.rollout_store import RolloutStore
-from iotflow.settings import DEV_JWT_SECRET, Settings
+from iotflow.settings import DEV_JWT_SECRET, DEV_MQTT_PASSWORDS, Settings
 from iotflow.sinks.timescale import MeasurementSink
 from iotflow.tables import devices as device_tables, ingest as ingest_tables, rollouts as rollout_tables
 from iotflow.tables.batched import TableBatch, stored, warm_changelog_metadata
@@ -116,6 +117,11 @@ def create_app(settings: Settings) -> faust.App:
     if settings.jwt_secret == DEV_JWT_SECRET:
         log.warning("jwt_development_secret", detail="IOTFLOW_JWT_SECRET is the development default: "
                     "anyone can mint tokens; set a secret of your own outside development")
+    defaults = [f"IOTFLOW_MQTT_{which.upper()}_PASSWORD" for which, password in DEV_MQTT_PASSWORDS.items()
+                if getattr(settings, f"mqtt_{which}_password") == password]
+    if defaults:
+        log.warning("mqtt_development_passwords", settings=defaults,
+                    detail="the MQTT platform accounts have the development passwords; set your own outside development")
     measurements_pool = _api_pool(settings, settings.tsdb_dsn)
     reader = MeasurementReader(measurements_pool, Archive(archive_store) if archive_store else None,
                                settings.retention_days)
@@ -130,10 +136,10 @@ def create_app(settings: Settings) -> faust.App:
     presence_table = device_tables.presence(app, settings)
     device_agents.register(app, settings, registry_table=registry_table, presence=presence_table,
                            registry=registry, relay=relay, cache=cache)
-    devices.register(app, settings, registry, cache, registry_table, presence_table, latest, reader, guard)
+    credentials = DeviceCredentials(settings)
+    devices.register(app, settings, registry, cache, registry_table, presence_table, latest, reader, guard, credentials)
     rollout_store = RolloutStore(registry)
-    publisher = CommandPublisher(settings.mqtt_url, f"iotflow-orchestrator-{settings.app_id}-{socket.gethostname()}-{settings.web_port}",
-                                 keepalive_s=settings.mqtt_keepalive_s)
+    publisher = CommandPublisher(settings, f"iotflow-orchestrator-{settings.app_id}-{socket.gethostname()}-{settings.web_port}")
     progress_table = rollout_tables.progress(app, settings)
     firmware_agents.register(app, settings, rollout_store,
                              Orchestrator(registry.connection, publisher, tick_s=settings.rollout_tick_s),
@@ -156,7 +162,7 @@ def create_app(settings: Settings) -> faust.App:
     openapi.register(app)
     console_views.register(app)
     hardening.install(app, settings.api_max_body_bytes)
-    _close_on_stop(app, relay, cache, publisher, registry_pool, measurements_pool)
+    _close_on_stop(app, relay, cache, publisher, credentials, registry_pool, measurements_pool)
     return app
 
 
@@ -167,13 +173,14 @@ def _api_pool(settings: Settings, dsn: str) -> LazyPool:
 
 
 def _close_on_stop(app: faust.App, relay: OutboxRelay, cache: DeviceCache, publisher: CommandPublisher,
-                   *pools: LazyPool) -> None:
+                   credentials: DeviceCredentials, *pools: LazyPool) -> None:
     @app.service
     class CloseClients(mode.Service):
         async def on_stop(self) -> None:
             await relay.stop()
             await cache.close()
             publisher.close()
+            credentials.close()
             for pool in pools:
                 await pool.close()
 

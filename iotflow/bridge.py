@@ -22,7 +22,6 @@ import asyncio
 import threading
 import time
 from dataclasses import dataclass
-from urllib.parse import urlsplit
 
 import paho.mqtt.client as mqtt
 import structlog
@@ -35,6 +34,7 @@ from prometheus_client import Counter, Gauge, start_http_server
 from iotflow import topics
 from iotflow.logs import Throttle
 from iotflow.backoff import TokenBuckets, full_jitter
+from iotflow.mqtt_auth import account, configure
 from iotflow.settings import Settings
 
 log = structlog.get_logger(__name__)
@@ -143,17 +143,13 @@ class Bridge:
 
     # -- the MQTT side (paho's thread) ----------------------------------------------------
     def _mqtt_loop(self) -> None:
-        url = urlsplit(self.settings.mqtt_url)
         client = mqtt.Client(
             mqtt.CallbackAPIVersion.VERSION2,
             client_id=self.client_id,
             protocol=mqtt.MQTTv5,
             manual_ack=True,
         )
-        if url.scheme == "mqtts":
-            client.tls_set()
-        if url.username:
-            client.username_pw_set(url.username, url.password)
+        host, port = configure(client, self.settings, account(self.settings, "bridge"))
         client.on_connect = self._on_connect
         client.on_message = self._on_message
         self._client = client
@@ -163,7 +159,7 @@ class Bridge:
             properties.SessionExpiryInterval = 3600  # the broker keeps our unacked messages for an hour
             properties.ReceiveMaximum = self.settings.bridge_max_in_flight
             try:
-                client.connect(url.hostname, url.port or 1883, keepalive=int(self.settings.mqtt_keepalive_s),
+                client.connect(host, port, keepalive=int(self.settings.mqtt_keepalive_s),
                                clean_start=False, properties=properties)
                 attempt = 0
                 client.loop_forever(retry_first_connection=False)

@@ -244,6 +244,61 @@ def devices_register(prefix: str, count: int, device_type: str, tags: tuple[str,
     click.echo(f"registered {created} new device(s) of {count}")
 
 
+@devices.command("credentials")
+@click.option("--prefix", required=True, help="device ids are PREFIX-00000, PREFIX-00001, …")
+@click.option("--count", type=click.IntRange(min=1, max=1_000_000), required=True, help="how many devices")
+@click.option("--out", type=click.Path(dir_okay=False, writable=True), required=True,
+              help="JSON file {device id: password} written here (mode 0600); the passwords are shown nowhere else")
+def devices_credentials(prefix: str, count: int, out: str) -> None:
+    """Give a fleet's devices new MQTT passwords (accounts made where missing; old passwords stop working)."""
+    import json
+    import os
+
+    from iotflow.mqtt_auth import DynamicSecurity
+    from iotflow.simulator import device_ids
+
+    control = DynamicSecurity(_settings(), timeout_s=120.0)
+    try:
+        passwords = control.issue(device_ids(prefix, count))
+    except IotflowError as exc:
+        raise click.ClickException(str(exc)) from None
+    finally:
+        control.close()
+    fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as handle:
+        json.dump(passwords, handle, indent=1)
+    click.echo(f"issued {len(passwords)} MQTT password(s) into {out}")
+
+
+@main.group()
+def mqtt() -> None:
+    """The MQTT broker's accounts and device ACLs (Mosquitto dynamic security; docs/security.md)."""
+
+
+@mqtt.command("setup")
+def mqtt_setup() -> None:
+    """Create or update the platform's roles and the bridge and platform accounts (idempotent);
+    ``iotflow stack up`` does it for the local broker."""
+    from iotflow.mqtt_auth import DynamicSecurity
+
+    control = DynamicSecurity(_settings())
+    try:
+        control.ensure_platform_accounts()
+    except IotflowError as exc:
+        raise click.ClickException(str(exc)) from None
+    finally:
+        control.close()
+    click.echo("MQTT roles and platform accounts are set up")
+
+
+@mqtt.command("acl-file")
+def mqtt_acl_file() -> None:
+    """Print the broker's acl_file: each device's own topics, by username."""
+    from iotflow.mqtt_auth import acl_file_text
+
+    click.echo(acl_file_text(), nl=False)
+
+
 @main.command()
 @click.option("--messages", type=click.IntRange(min=1000), default=1_000_000, show_default=True,
               help="messages preloaded into a fresh topic")

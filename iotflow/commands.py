@@ -14,12 +14,13 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import urlsplit
 
 import paho.mqtt.client as mqtt
 import structlog
 
 from iotflow.metrics import COMMANDS_PUBLISHED
+from iotflow.mqtt_auth import account, configure
+from iotflow.settings import Settings
 
 log = structlog.get_logger(__name__)
 
@@ -39,10 +40,9 @@ class Command:
 
 
 class CommandPublisher:
-    def __init__(self, mqtt_url: str, client_id: str, *, keepalive_s: float = 30.0, timeout_s: float = 10.0) -> None:
-        self.url = urlsplit(mqtt_url)
+    def __init__(self, settings: Settings, client_id: str, *, timeout_s: float = 10.0) -> None:
+        self.settings = settings
         self.client_id = client_id
-        self.keepalive_s = keepalive_s
         self.timeout_s = timeout_s
         self._client: mqtt.Client | None = None
         self._connected = threading.Event()
@@ -53,11 +53,10 @@ class CommandPublisher:
                                  protocol=mqtt.MQTTv311)
             client.max_inflight_messages_set(1000)
             client.reconnect_delay_set(min_delay=1, max_delay=10)
-            if self.url.username:
-                client.username_pw_set(self.url.username, self.url.password)
             client.on_connect = lambda c, u, f, reason, p: None if getattr(reason, "is_failure", False) else self._connected.set()
             client.on_disconnect = lambda c, u, f, reason, p: self._connected.clear()
-            client.connect_async(self.url.hostname or "127.0.0.1", self.url.port or 1883, keepalive=int(self.keepalive_s))
+            host, port = configure(client, self.settings, account(self.settings, "platform"))
+            client.connect_async(host, port, keepalive=int(self.settings.mqtt_keepalive_s))
             client.loop_start()
             self._client = client
         return self._client
@@ -68,7 +67,7 @@ class CommandPublisher:
             return []
         client = self._start()
         if not await asyncio.to_thread(self._connected.wait, self.timeout_s):
-            log.warning("commands_broker_unreachable", url=f"{self.url.hostname}:{self.url.port}", pending=len(commands))
+            log.warning("commands_broker_unreachable", url=self.settings.mqtt_url, pending=len(commands))
             return []
         sent = [(command, client.publish(command_topic(command.device_id), command.encode(), qos=1))
                 for command in commands]

@@ -8,6 +8,7 @@ from __future__ import annotations
 import base64
 import binascii
 import re
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from enum import Enum
 from datetime import datetime, timedelta
@@ -163,7 +164,8 @@ def _check_field(errors: FieldErrors, name: str, value: Any) -> Any:
     raise AssertionError(name)
 
 
-def parse_registration(body: bytes) -> Registration:
+def parse_registration(body: bytes, reserved: Collection[str] = ()) -> Registration:
+    """A registration; ``reserved`` ids (the MQTT platform accounts' names) are refused."""
     raw = json_object(body)
     errors = FieldErrors()
     for name in sorted(set(raw) - set(_REGISTRATION_FIELDS)):
@@ -172,6 +174,8 @@ def parse_registration(body: bytes) -> Registration:
         if name not in raw:
             errors.add(name, None, "required")
     values = {name: _check_field(errors, name, raw[name]) for name in _REGISTRATION_FIELDS if name in raw}
+    if values.get("id") in reserved:
+        errors.add("id", values["id"], "reserved: the name of one of the platform's MQTT accounts")
     errors.raise_any("Invalid device registration")
     return Registration(**values)
 

@@ -114,6 +114,12 @@ class RegistryUnavailable(IotflowError):
     retriable = True
 
 
+class MqttAuthError(IotflowError):
+    """The MQTT broker's credential manager (dynamic security) refused or did not answer."""
+
+    retriable = True
+
+
 class DeviceNotFound(IotflowError):
     """No device with this id, or only a deleted one."""
 

@@ -15,7 +15,7 @@ import contextlib
 import dataclasses
 import json
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import datetime
 from typing import Any
 
@@ -24,6 +24,7 @@ import asyncpg
 from iotflow import audit
 from iotflow.devices import Change, Device, DeviceQuery, DeviceStatus, Registration, encode_cursor, parse_registration
 from iotflow.errors import DeviceConflict, DeviceNotFound, IotflowError, RegistryUnavailable, VersionMismatch
+from iotflow.mqtt_auth import reserved
 from iotflow.pg import LazyPool, is_transient
 from iotflow.settings import Settings
 
@@ -66,8 +67,12 @@ class DeviceRegistry:
                                     "WHERE id = ANY($1::text[])", list(by_id))
         return {by_id[row["id"]]: DeviceStatus.DELETED if row["deleted"] else DeviceStatus.REGISTERED for row in rows}
 
-    async def register(self, registration: Registration) -> tuple[Device, bool]:
-        """The device and whether this call created it."""
+    async def register(self, registration: Registration,
+                       issue: Callable[[str], Awaitable[str]] | None = None) -> tuple[Device, bool, str | None]:
+        """The device, whether this call created it, and — when it did and ``issue`` is given — the
+        MQTT password ``issue`` gave its new account. The account is made inside the transaction:
+        if the broker refuses, nothing is registered; if the commit fails after it, an account no
+        one knows the password of is left (a later registration gives it a new one)."""
         async with self.connection(transaction=True) as conn:
             created = await conn.fetchrow(
                 f"INSERT INTO devices (id, name, type, tags, firmware_version, status) "
@@ -78,8 +83,9 @@ class DeviceRegistry:
             if created is not None:
                 device = _device(created)
                 await _event(conn, device, "registered")
-                await audit.record(conn, "device.register", "device", device.id)
-                return device, True
+                secret = await issue(device.id) if issue is not None else None
+                await audit.record(conn, "device.register", "device", device.id, mqtt_credentials=secret is not None)
+                return device, True, secret
             existing = _device(await conn.fetchrow(f"SELECT {_COLUMNS} FROM devices WHERE id = $1",
                                                    registration.id))
         if existing.deleted_at is not None:
@@ -87,7 +93,7 @@ class DeviceRegistry:
         differs = existing.differs_from(registration)
         if differs:
             raise DeviceConflict(registration.id, differs)
-        return existing, False
+        return existing, False, None
 
     async def register_many(self, registrations: list[Registration]) -> int:
         """Provision a fleet in one transaction: devices not registered yet are created with their
@@ -194,10 +200,15 @@ class DeviceRegistry:
                 list(seen), list(seen.values()))
         return int(status.rsplit(" ", 1)[-1])
 
-    async def delete(self, device_id: str, expected_version: int | None) -> Device:
-        """Soft delete: the row stays with ``deleted_at`` set; its id cannot be registered again."""
+    async def delete(self, device_id: str, expected_version: int | None,
+                     revoke: Callable[[str], Awaitable[object]] | None = None) -> Device:
+        """Soft delete: the row stays with ``deleted_at`` set; its id cannot be registered again.
+        ``revoke`` (deleting the device's MQTT account, which disconnects it) runs before the
+        commit: a broker that refuses leaves the device as it was."""
         async with self.connection(transaction=True) as conn:
             await _locked(conn, device_id, expected_version)
+            if revoke is not None:
+                await revoke(device_id)
             record = await conn.fetchrow(
                 f"UPDATE devices SET deleted_at = now(), updated_at = now(), version = version + 1 "
                 f"WHERE id = $1 RETURNING {_COLUMNS}",
@@ -207,6 +218,23 @@ class DeviceRegistry:
             await _event(conn, device, "deleted")
             await audit.record(conn, "device.delete", "device", device_id, version=device.version)
             return device
+
+
+    async def rotate_credentials(self, device_id: str, issue: Callable[[str], Awaitable[str]]) -> str:
+        """A new MQTT password for the live device (its account re-enabled, its connections closed)."""
+        async with self.connection(transaction=True) as conn:
+            await _locked(conn, device_id, None)
+            secret = await issue(device_id)
+            await audit.record(conn, "device.credentials.rotate", "device", device_id)
+            return secret
+
+    async def revoke_credentials(self, device_id: str, revoke: Callable[[str], Awaitable[bool]]) -> bool:
+        """Disable the live device's MQTT account (connections closed); False when it had none."""
+        async with self.connection(transaction=True) as conn:
+            await _locked(conn, device_id, None)
+            had = await revoke(device_id)
+            await audit.record(conn, "device.credentials.revoke", "device", device_id, had_account=had)
+            return had
 
 
 async def set_firmware_version(conn: asyncpg.Connection, device_id: str, firmware_version: str) -> Device | None:
@@ -260,7 +288,7 @@ async def provision(settings: Settings, device_ids: list[str], *, device_type: s
             created += await registry.register_many([
                 # Checked as the API checks a registration: a bad id, type or tag names itself.
                 parse_registration(json.dumps({"id": d, "name": d, "type": device_type, "tags": list(tags),
-                                               "firmware_version": firmware_version}).encode())
+                                               "firmware_version": firmware_version}).encode(), reserved(settings))
                 for d in chunk])
         return created
     finally:

@@ -200,6 +200,12 @@ def _path(name: str, raw: str) -> Path:
 
 
 DEV_JWT_SECRET = "iotflow-development-secret-not-for-production"
+# The local stack's MQTT platform accounts (iotflow/mqtt_auth.py); set your own outside development.
+DEV_MQTT_PASSWORDS = {
+    "admin": "iotflow-development-mqtt-admin-password",
+    "bridge": "iotflow-development-mqtt-bridge-password",
+    "platform": "iotflow-development-mqtt-platform-password",
+}
 
 
 def _secret(name: str, raw: str) -> str:
@@ -231,6 +237,12 @@ class Settings:
     )
     redis_url: str = _setting("redis://127.0.0.1:16379/0", _redis_url, "Redis URL for the cache (redis+sentinel://h:p,h:p/<master>/<db> under Sentinel)")
     mqtt_url: str = _setting("mqtt://127.0.0.1:11883", _url("mqtt", "mqtts"), "MQTT broker URL")
+    mqtt_admin_user: str = _setting("iotflow-admin", _non_empty, "MQTT account that manages device credentials (Mosquitto dynamic security's $CONTROL)")
+    mqtt_admin_password: str = _setting(DEV_MQTT_PASSWORDS["admin"], _secret, "password of IOTFLOW_MQTT_ADMIN_USER (32+ characters)", secret=True)
+    mqtt_bridge_user: str = _setting("iotflow-bridge", _non_empty, "MQTT account of the bridges (subscribes to the devices' topics)")
+    mqtt_bridge_password: str = _setting(DEV_MQTT_PASSWORDS["bridge"], _secret, "password of IOTFLOW_MQTT_BRIDGE_USER (32+ characters)", secret=True)
+    mqtt_platform_user: str = _setting("iotflow-platform", _non_empty, "MQTT account of the workers' command publisher (publishes to devices' commands)")
+    mqtt_platform_password: str = _setting(DEV_MQTT_PASSWORDS["platform"], _secret, "password of IOTFLOW_MQTT_PLATFORM_USER (32+ characters)", secret=True)
     web_host: str = _setting("127.0.0.1", _non_empty, "host the worker's web server binds and advertises")
     web_port: int = _setting(6066, _port, "port of the worker's web server")
     topic_partitions: int = _setting(8, _positive_int, "partitions of iotflow's topics and tables")

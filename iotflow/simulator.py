@@ -7,7 +7,9 @@ in (they take no ``seq``, so a perfect pipeline shows no gaps). While disconnect
 keeps its messages in paho's local queue and sends them on reconnect; reconnects wait with
 exponential backoff and full jitter. Everything random comes from ``--seed``. Before the first
 message the fleet is provisioned in the device registry (``--no-register`` leaves it unknown:
-its telemetry then waits for a registration and goes to the DLQ as ``unknown_device``).
+its telemetry then waits for a registration and goes to the DLQ as ``unknown_device``), and each
+device's MQTT account is given a new password through Mosquitto's dynamic security (the simulator
+acts as an admin rotating its devices' credentials; iotflow/mqtt_auth.py).
 
 The returned summary says, per device, what was sent: it is what the accounting is checked
 against.
@@ -38,6 +40,7 @@ from urllib.parse import urlsplit
 import paho.mqtt.client as mqtt
 
 from iotflow.backoff import full_jitter
+from iotflow.mqtt_auth import DynamicSecurity, broker_address
 from iotflow.registry import provision
 from iotflow.settings import Settings
 
@@ -281,14 +284,12 @@ class Fleet:
         self.settings = settings
         self.config = config
         self.registered = 0  # devices this run added to the registry
-        self.url = urlsplit(settings.mqtt_url)
         master = random.Random(config.seed)
         self._due: list[tuple[float, int, Callable[[], None]]] = []
         self._order = itertools.count()
         self._due_changed = threading.Condition()
         self._stop_scheduler = False
-        self.network = _Network(self.url.hostname or "127.0.0.1", self.url.port or 1883,
-                                int(settings.mqtt_keepalive_s))
+        self.network = _Network(*broker_address(settings), int(settings.mqtt_keepalive_s))
         self.devices = [self._device(device_id, random.Random(master.getrandbits(64)))
                         for device_id in device_ids(config.prefix, config.devices)]
 
@@ -297,8 +298,8 @@ class Fleet:
                              protocol=mqtt.MQTTv311)
         client.max_queued_messages_set(self.config.buffer_size)
         client.max_inflight_messages_set(100)
-        if self.url.username:
-            client.username_pw_set(self.url.username, self.url.password)
+        if urlsplit(self.settings.mqtt_url).scheme == "mqtts":
+            client.tls_set()
         device = _Device(DeviceReport(device_id), client, rng)
 
         def on_connect(c: mqtt.Client, u: object, flags: object, reason: object, props: object) -> None:
@@ -466,6 +467,7 @@ class Fleet:
             self.registered = asyncio.run(provision(
                 self.settings, [d.report.device_id for d in self.devices], device_type="simulated",
                 firmware_version=cfg.firmware.version if cfg.firmware else None))
+        self.authenticate()
         self.connect()
         started = time.monotonic()
         interval = 1.0 / cfg.rate_per_device
@@ -507,6 +509,16 @@ class Fleet:
             device.client.disconnect()
         self.network.stop()
         return self.summary(time.monotonic() - started)
+
+    def authenticate(self) -> None:
+        """Give each device a new MQTT password, issued now (as an admin rotating them)."""
+        control = DynamicSecurity(self.settings, timeout_s=60.0)
+        try:
+            credentials = control.issue(d.report.device_id for d in self.devices)
+        finally:
+            control.close()
+        for device in self.devices:
+            device.client.username_pw_set(device.report.device_id, credentials[device.report.device_id])
 
     def _wait_for_acks(self, timeout: float) -> None:
         """Wait until the broker acknowledged every message the devices published (or the timeout)."""

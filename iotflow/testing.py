@@ -22,7 +22,6 @@ import urllib.request
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 import asyncpg
 import paho.mqtt.client as mqtt
@@ -30,6 +29,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient
 
 from iotflow import auth, topics
+from iotflow.mqtt_auth import Account, DynamicSecurity, account, configure
 from iotflow.registry import provision
 from iotflow.settings import Settings
 
@@ -196,24 +196,52 @@ class WorkerProcess:
 
 
 def forget_mqtt_session(settings: Settings, client_id: str, timeout: float = 10.0) -> None:
-    """End the persistent MQTT session of ``client_id`` for good: connect with its id and a clean
-    session, then leave. A bridge stopped for good otherwise leaves its session subscribed to every
-    device's telemetry on the broker, which queues all later traffic for it (up to
+    """End the persistent MQTT session of the bridge ``client_id`` for good: connect with its id and
+    a clean session, then leave. A bridge stopped for good otherwise leaves its session subscribed to
+    every device's telemetry on the broker, which queues all later traffic for it (up to
     ``max_queued_messages``) — on a shared test broker, hundreds of MB after a few dozen tests."""
-    url = urlsplit(settings.mqtt_url)
-    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, clean_session=True)
+    client = mqtt_client(settings, client_id, account(settings, "bridge"), timeout=timeout)
+    client.disconnect()
+    client.loop_stop()
+
+
+def mqtt_client(settings: Settings, client_id: str, credentials: Account, *, timeout: float = 10.0,
+                protocol: int = mqtt.MQTTv311) -> mqtt.Client:
+    """A paho client connected (clean session, network loop running) as ``credentials``; the
+    caller disconnects it (its loop thread ends with the connection)."""
+    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, protocol=protocol,
+                         **({"clean_session": True} if protocol != mqtt.MQTTv5 else {}))
     connected = threading.Event()
-    client.on_connect = lambda c, u, f, reason, p: connected.set()
-    if url.username:
-        client.username_pw_set(url.username, url.password)
-    client.connect(url.hostname or "127.0.0.1", url.port or 1883)
+    refused: list[str] = []
+    client.on_connect = lambda c, u, f, reason, p: refused.append(str(reason)) if reason.is_failure else connected.set()
+    host, port = configure(client, settings, credentials)
+    client.connect(host, port)
     client.loop_start()
-    try:
-        if not connected.wait(timeout):
-            raise TimeoutError(f"could not connect to {settings.mqtt_url} as {client_id} within {timeout} s")
-    finally:
-        client.disconnect()
+    if not connected.wait(timeout):
         client.loop_stop()
+        raise TimeoutError(f"could not connect to {settings.mqtt_url} as {credentials.username} ({client_id}) "
+                           f"within {timeout} s{': ' + refused[0] if refused else ''}")
+    return client
+
+
+def forget_device_accounts(settings: Settings, device_ids: Iterable[str]) -> int:
+    """Delete these devices' MQTT accounts: a test's fleet leaves the shared broker's account file
+    as it found it (Mosquitto rewrites the whole file on each change, so its size is every later
+    test's cost)."""
+    control = DynamicSecurity(settings, timeout_s=60.0)
+    try:
+        return control.delete(device_ids)
+    finally:
+        control.close()
+
+
+def device_credentials(settings: Settings, device_ids: Iterable[str]) -> dict[str, str]:
+    """New MQTT passwords for ``device_ids`` (accounts created where missing), as an admin issues them."""
+    control = DynamicSecurity(settings, timeout_s=60.0)
+    try:
+        return control.issue(device_ids)
+    finally:
+        control.close()
 
 
 def telemetry(device_id: str, seq: int, *, metrics: dict[str, float] | None = None) -> bytes:

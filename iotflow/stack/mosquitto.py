@@ -1,9 +1,14 @@
-"""Mosquitto (Debian's package) on loopback, with persistence for QoS 1 sessions."""
+"""Mosquitto (Debian's package) on loopback, with persistence for QoS 1 sessions and the
+dynamic-security plugin: no anonymous access; the platform's accounts and roles are set up by
+``start`` from the settings, devices' accounts by the worker (iotflow/mqtt_auth.py)."""
 from __future__ import annotations
 
 import getpass
+import glob
 import threading
 
+from iotflow.errors import MqttAuthError, StackError
+from iotflow.mqtt_auth import DynamicSecurity, acl_file_text
 from iotflow.settings import Settings
 from iotflow.stack.base import (
     Service,
@@ -24,18 +29,25 @@ class Mosquitto(Service):
 
     def __init__(self, paths: StackPaths, settings: Settings) -> None:
         self.paths = paths
+        self.settings = settings
         self.port = loopback_port("IOTFLOW_MQTT_URL", settings.mqtt_url)
         self.home = paths.service_dir("mosquitto")
         self.config = self.home / "mosquitto.conf"
         self.pid_file = self.home / "mosquitto.pid"
         self.log_file = paths.logs / "mosquitto.log"
+        self.dynsec_file = self.home / "dynamic-security.json"
+        self.acl_file = self.home / "device-acl.conf"
 
     def config_text(self) -> str:
         return "\n".join(
             [
                 f"listener {self.port} 127.0.0.1",
-                # Device identity (dynamic security, no anonymous access) is the security issue's work.
-                "allow_anonymous true",
+                "per_listener_settings false",
+                "allow_anonymous false",
+                f"plugin {self.plugin_path()}",
+                f"plugin_opt_config_file {self.dynsec_file}",
+                # Devices' topics by username (the plugin defers to these where no role has an ACL).
+                f"acl_file {self.acl_file}",
                 "persistence true",
                 f"persistence_location {self.home}/data/",
                 "autosave_interval 5",
@@ -64,9 +76,32 @@ class Mosquitto(Service):
         broker = require_binary("mosquitto", "mosquitto")
         (self.home / "data").mkdir(parents=True, exist_ok=True)
         self.paths.logs.mkdir(parents=True, exist_ok=True)
+        if not self.dynsec_file.exists():
+            # The plugin's file with its one admin account; everything else goes through $CONTROL.
+            ctrl = require_binary("mosquitto_ctrl", "mosquitto")
+            run([ctrl, "dynsec", "init", str(self.dynsec_file), self.settings.mqtt_admin_user,
+                 self.settings.mqtt_admin_password], timeout=30, what="creating Mosquitto's dynamic-security file")
+            self.dynsec_file.chmod(0o600)  # the accounts' password hashes
+        self.acl_file.write_text(acl_file_text())
         self.config.write_text(self.config_text())
         run([broker, "-c", str(self.config), "-d"], timeout=30, what="starting mosquitto")
-        wait_until(self._answers, timeout=30, what=f"Mosquitto did not accept an MQTT connection (see {self.log_file})")
+        wait_until(self._answers, timeout=30, what=f"Mosquitto did not accept the admin account's connection "
+                                                    f"(see {self.log_file}; {self.dynsec_file} keeps the admin "
+                                                    f"password it was created with)")
+        control = DynamicSecurity(self.settings)
+        try:
+            control.ensure_platform_accounts()
+        except MqttAuthError as exc:
+            raise StackError(f"setting up Mosquitto's platform accounts: {exc}") from exc
+        finally:
+            control.close()
+
+    @staticmethod
+    def plugin_path() -> str:
+        found = sorted(glob.glob("/usr/lib/*/mosquitto_dynamic_security.so") + glob.glob("/usr/lib/mosquitto_dynamic_security.so"))
+        if not found:
+            raise StackError("mosquitto_dynamic_security.so not found: install Debian's mosquitto package (scripts/bootstrap)")
+        return found[0]
 
     def stop(self) -> None:
         stop_pid(self.pid_file, name="mosquitto", timeout=30)
@@ -77,11 +112,12 @@ class Mosquitto(Service):
         return ServiceStatus(self.name, up, f"127.0.0.1:{self.port}", "Mosquitto" + (f", pid {pid}" if pid else ""))
 
     def _answers(self) -> bool:
-        """True when the broker answers an MQTT CONNECT with CONNACK (success)."""
+        """True when the broker accepts the admin account's MQTT CONNECT (CONNACK success)."""
         import paho.mqtt.client as mqtt
 
         connected = threading.Event()
         client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="", clean_session=True)
+        client.username_pw_set(self.settings.mqtt_admin_user, self.settings.mqtt_admin_password)
         client.on_connect = lambda c, u, flags, reason, props: reason.is_failure or connected.set()
         try:
             client.connect("127.0.0.1", self.port, keepalive=5)

@@ -6,6 +6,11 @@ table; ``GET /api/v1/devices/{id}/state`` answers from the registry table (built
 with role viewer, registering and changing operator, deleting admin (iotflow/auth.py). Reads of
 one device go through the Redis cache (iotflow/cache.py) and never depend on it.
 
+Registering a device makes its MQTT account (iotflow/mqtt_auth.py) and answers its password once,
+under ``mqtt``; ``POST …/{id}/credentials`` gives it a new one (operator), ``DELETE
+…/{id}/credentials`` revokes it (operator), ``GET …/{id}/credentials`` says whether it is active
+(viewer); deleting the device deletes its account. Answers holding a password are ``no-store``.
+
 Answers are JSON with ``X-Request-ID``; a device carries its version as ``ETag``, and a change or
 a delete may name it in ``If-Match`` (a stale one gets 412). Errors are problem+json: 422 names
 every bad field and value, 404 an unknown or deleted device, 409 a registration that contradicts
@@ -31,6 +36,7 @@ from iotflow.devices import (
 )
 from iotflow.errors import RegistryUnavailable
 from iotflow.measurements import MeasurementReader
+from iotflow.mqtt_auth import DeviceCredentials, broker_address, reserved
 from iotflow.pg import is_transient
 from iotflow.registry import DeviceRegistry
 from iotflow.settings import Settings
@@ -47,8 +53,17 @@ def _device_response(view: View, request: Request, device: Device, status: int =
                      headers={HEADER: request_id(request), "ETag": device.etag, **headers})
 
 
+def _mqtt(settings: Settings, device_id: str, password: str) -> dict[str, object]:
+    host, port = broker_address(settings)
+    return {"url": settings.mqtt_url, "host": host, "port": port, "username": device_id, "client_id": device_id,
+            "password": password}
+
+
 def register(app: faust.App, settings: Settings, registry: DeviceRegistry, cache: DeviceCache, table: faust.Table,
-             presence: faust.Table, latest: faust.Table, reader: MeasurementReader, guard: Guard) -> None:
+             presence: faust.Table, latest: faust.Table, reader: MeasurementReader, guard: Guard,
+             credentials: DeviceCredentials) -> None:
+    platform_accounts = reserved(settings)
+
     async def read(device_id: str) -> Device:
         """Cache-aside: Redis first, PostgreSQL on a miss (or when Redis is away), then fill."""
         cached = await cache.get(device_id)
@@ -67,10 +82,13 @@ def register(app: faust.App, settings: Settings, registry: DeviceRegistry, cache
         @guard.requires("operator")
         async def post(self, request: Request) -> Response:
             async def work() -> Response:
-                registration = parse_registration(await self.read_request_content(request))
-                device, created = await registry.register(registration)
-                if created:
-                    return _device_response(self, request, device, 201, Location=f"{PREFIX}/{device.id}")
+                registration = parse_registration(await self.read_request_content(request), platform_accounts)
+                device, created, secret = await registry.register(registration, credentials.issue)
+                if created and secret is not None:
+                    body = {**device.to_json(), "mqtt": _mqtt(settings, device.id, secret)}
+                    return self.json(body, status=201, headers={
+                        HEADER: request_id(request), "ETag": device.etag, "Location": f"{PREFIX}/{device.id}",
+                        "Cache-Control": "no-store"})
                 return _device_response(self, request, device)
             return await answer(self, request, work)
 
@@ -102,7 +120,36 @@ def register(app: faust.App, settings: Settings, registry: DeviceRegistry, cache
         async def delete(self, request: Request, device_id: str) -> Response:
             async def work() -> Response:
                 version = parse_if_match(request.headers.get("If-Match"))
-                return _device_response(self, request, await changed(await registry.delete(device_id, version)))
+                return _device_response(self, request, await changed(
+                    await registry.delete(device_id, version, credentials.delete)))
+            return await answer(self, request, work)
+
+    @app.page(PREFIX + "/{device_id}/credentials")
+    class Credentials(View):
+        @guard.requires("viewer")
+        async def get(self, request: Request, device_id: str) -> Response:
+            async def work() -> Response:
+                await read(device_id)  # 404 for an unknown or deleted device
+                return self.json({"device_id": device_id, "status": await credentials.status(device_id)},
+                                 headers={HEADER: request_id(request)})
+            return await answer(self, request, work)
+
+        @guard.requires("operator")
+        async def post(self, request: Request, device_id: str) -> Response:
+            """A new password (the old one stops working; connections made with it are closed)."""
+            async def work() -> Response:
+                secret = await registry.rotate_credentials(device_id, credentials.issue)
+                return self.json({"device_id": device_id, "mqtt": _mqtt(settings, device_id, secret)},
+                                 headers={HEADER: request_id(request), "Cache-Control": "no-store"})
+            return await answer(self, request, work)
+
+        @guard.requires("operator")
+        async def delete(self, request: Request, device_id: str) -> Response:
+            """Revoke: the account is disabled and its connection closed (POST gives a new password)."""
+            async def work() -> Response:
+                had = await registry.revoke_credentials(device_id, credentials.revoke)
+                return self.json({"device_id": device_id, "status": "revoked" if had else "none"},
+                                 headers={HEADER: request_id(request)})
             return await answer(self, request, work)
 
     @app.page(PREFIX + "/{device_id}/telemetry")

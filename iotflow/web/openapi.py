@@ -83,7 +83,8 @@ def document() -> dict[str, Any]:
         "post": {"summary": "Register a device (the same registration again changes nothing)",
                  "security": [{"bearer": []}],
                  "requestBody": {"required": True, "content": {"application/json": {"schema": _ref("Registration")}}},
-                 "responses": {"201": _json(_ref("Device"), "registered"), "200": _json(_ref("Device"), "already so"),
+                 "responses": {"201": _json(_ref("RegisteredDevice"), "registered: its MQTT password, shown once"),
+                               "200": _json(_ref("Device"), "already so"),
                                "409": _problem("registered with other values, or deleted"), **_PROBLEMS}},
     }
     one_ops = {
@@ -98,6 +99,27 @@ def document() -> dict[str, Any]:
                    "parameters": [_DEVICE_ID, _IF_MATCH],
                    "responses": {"200": _json(_ref("Device"), "deleted"), "404": _problem("unknown or deleted"),
                                  "412": _problem("If-Match names another version"), **_PROBLEMS}},
+    }
+    mqtt_unavailable = {"503": _problem("a database or the MQTT broker's credential manager is not answering; "
+                                        "retry after Retry-After seconds")}
+    one_ops["delete"]["responses"].update(mqtt_unavailable)
+    device_ops["post"]["responses"].update(mqtt_unavailable)
+    credentials = {
+        "get": {"summary": "Whether the device's MQTT account is active, revoked or missing",
+                "security": [{"bearer": []}], "parameters": [_DEVICE_ID],
+                "responses": {"200": _json({"type": "object", "required": ["device_id", "status"], "properties": {
+                    "device_id": {"type": "string"}, "status": {"enum": ["active", "revoked", "none"]}}}, "its status"),
+                    "404": _problem("unknown or deleted"), **_PROBLEMS, **mqtt_unavailable}},
+        "post": {"summary": "A new MQTT password (the old one stops working, its connections are closed)",
+                 "security": [{"bearer": []}], "parameters": [_DEVICE_ID],
+                 "responses": {"200": _json({"type": "object", "required": ["device_id", "mqtt"], "properties": {
+                     "device_id": {"type": "string"}, "mqtt": _ref("MqttCredentials")}}, "the new password, shown once"),
+                     "404": _problem("unknown or deleted"), **_PROBLEMS, **mqtt_unavailable}},
+        "delete": {"summary": "Revoke the device's MQTT account (disabled, connection closed)",
+                   "security": [{"bearer": []}], "parameters": [_DEVICE_ID],
+                   "responses": {"200": _json({"type": "object", "required": ["device_id", "status"], "properties": {
+                       "device_id": {"type": "string"}, "status": {"enum": ["revoked", "none"]}}}, "revoked"),
+                       "404": _problem("unknown or deleted"), **_PROBLEMS, **mqtt_unavailable}},
     }
     telemetry = {"get": {
         "summary": "Time-bucketed aggregates of a device's measurements", "security": [{"bearer": []}],
@@ -205,6 +227,7 @@ def document() -> dict[str, Any]:
         "paths": {
             "/api/v1/devices": device_ops,
             "/api/v1/devices/{device_id}": one_ops,
+            "/api/v1/devices/{device_id}/credentials": credentials,
             "/api/v1/devices/{device_id}/telemetry": telemetry,
             "/api/v1/devices/{device_id}/state": state,
             "/api/v1/devices/{device_id}/firmware": {"get": {
@@ -309,6 +332,13 @@ def document() -> dict[str, Any]:
                                           "created_at": {"type": "string"}, "updated_at": {"type": "string"},
                                           "last_seen": {"type": ["string", "null"]},
                                           "deleted_at": {"type": ["string", "null"]}}},
+                "MqttCredentials": {"type": "object", "required": ["url", "host", "port", "username", "client_id",
+                                                                   "password"],
+                                    "properties": {"url": {"type": "string"}, "host": {"type": "string"},
+                                                   "port": {"type": "integer"}, "username": {"type": "string"},
+                                                   "client_id": {"type": "string"}, "password": {"type": "string"}}},
+                "RegisteredDevice": {"allOf": [_ref("Device"), {"type": "object", "required": ["mqtt"], "properties": {
+                    "mqtt": _ref("MqttCredentials")}}]},
                 "DevicePage": {"type": "object", "required": ["items", "next_cursor"],
                                "properties": {"items": {"type": "array", "items": _ref("Device")},
                                               "next_cursor": {"type": ["string", "null"]}}},

@@ -18,6 +18,7 @@ from iotflow.errors import (
     FirmwareNotFound,
     IdempotencyMismatch,
     InvalidRequest,
+    MqttAuthError,
     RegistryUnavailable,
     RolloutConflict,
     RolloutNotFound,
@@ -85,5 +86,9 @@ async def answer(view: View, request: Request, work: Callable[[], Awaitable[Resp
         return problem(view, request, 422, "Value refused by the database", f"{exc.__class__.__name__}: {exc}")
     except RegistryUnavailable as exc:
         response = problem(view, request, 503, "Device registry unavailable", str(exc))
+        response.headers["Retry-After"] = str(_RETRY_AFTER_S)
+        return response
+    except MqttAuthError as exc:
+        response = problem(view, request, 503, "MQTT credential manager unavailable", str(exc))
         response.headers["Retry-After"] = str(_RETRY_AFTER_S)
         return response

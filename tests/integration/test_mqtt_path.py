@@ -9,17 +9,16 @@ import sys
 import threading
 import time
 import urllib.request
-import uuid
 from collections.abc import Callable
 from pathlib import Path
-from urllib.parse import urlsplit
 
-import paho.mqtt.client as mqtt
 import pytest
 
+from iotflow.mqtt_auth import Account
 from iotflow.simulator import Fleet, FleetConfig
-from iotflow.testing import (WorkerProcess, dlq_messages, forget_mqtt_session, free_port, http_get_json, register,
-                             stored_messages, telemetry, wait_for)
+from iotflow.testing import (WorkerProcess, device_credentials, dlq_messages, forget_device_accounts,
+                             forget_mqtt_session, free_port,
+                             http_get_json, mqtt_client, register, stored_messages, telemetry, wait_for)
 
 
 def start_bridge(settings, tmp_path: Path, client_id: str, metrics_port: int | None = None,
@@ -71,6 +70,8 @@ class FleetThroughBridge:
         self.bridge.terminate()
         self.bridge.wait(timeout=30)
         forget_mqtt_session(self.settings, self.client_id)
+        self.sender.join(timeout=60)
+        forget_device_accounts(self.settings, (d.report.device_id for d in self.fleet.devices))
 
 
 def wait_for_log(path: Path, text: str, timeout: float = 30.0) -> None:
@@ -130,20 +131,19 @@ def test_fifty_devices_with_duplicates_and_malformed_store_exactly_the_unique_va
         forget_mqtt_session(settings, f"bridge-{run_id}")
 
 
-def publish(settings, messages: list[tuple[str, bytes]], timeout: float = 20.0) -> None:
-    """Publish (MQTT topic, payload) pairs at QoS 1 and wait for the broker's acknowledgements."""
-    url = urlsplit(settings.mqtt_url)
-    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"pub-{uuid.uuid4().hex[:8]}")
-    client.connect(url.hostname or "127.0.0.1", url.port or 1883)
-    client.loop_start()
+def publish(settings, device_id: str, messages: list[tuple[str, bytes]], timeout: float = 20.0) -> None:
+    """Publish (MQTT topic, payload) pairs at QoS 1 as ``device_id`` (with a new password) and wait
+    for the broker's acknowledgements."""
+    password = device_credentials(settings, [device_id])[device_id]
+    client = mqtt_client(settings, device_id, Account(device_id, password))
     try:
         sent = [client.publish(topic, payload, qos=1) for topic, payload in messages]
         for info in sent:
             info.wait_for_publish(timeout)
             assert info.is_published()
     finally:
-        client.loop_stop()
         client.disconnect()
+        client.loop_stop()
 
 
 @pytest.mark.timeout(300)
@@ -160,7 +160,7 @@ def test_a_payload_naming_another_device_than_its_topic_is_rejected_as_identity_
         wait_for_log(tmp_path / f"bridge-{client_id}.log", "mqtt_connected")
         forged = [telemetry(victim, seq) for seq in range(5)]
         honest = [telemetry(spoofer, seq) for seq in range(5, 8)]
-        publish(settings, [(f"devices/{spoofer}/telemetry", p) for p in forged + honest])
+        publish(settings, spoofer, [(f"devices/{spoofer}/telemetry", p) for p in forged + honest])
 
         # The honest messages are stored; the forged ones never are, under either id.
         assert wait_for(lambda: asyncio.run(stored_messages(settings, spoofer))[1] == 3, timeout=60)

@@ -13,14 +13,13 @@ from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from urllib.parse import urlsplit
 
 import asyncpg
-import paho.mqtt.client as mqtt
 import pytest
 
+from iotflow.mqtt_auth import account
 from iotflow.simulator import FirmwareBehaviour, Fleet, FleetConfig, device_ids
-from iotflow.testing import forget_mqtt_session, http_json, wait_for
+from iotflow.testing import forget_device_accounts, forget_mqtt_session, http_json, mqtt_client, wait_for
 from tests.integration.test_mqtt_path import start_bridge, wait_for_log
 
 WORKER_ENV = {"IOTFLOW_ROLLOUT_TICK_S": "0.5", "IOTFLOW_LAST_SEEN_FLUSH_S": "1"}
@@ -34,14 +33,12 @@ class CommandCounter:
         self.by_device: dict[str, list[str]] = defaultdict(list)  # device → command ids, in arrival order
         self.first_at: float | None = None  # wall-clock time the first command arrived
         self.lock = threading.Lock()
-        url = urlsplit(settings.mqtt_url)
-        self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"count-{prefix}", clean_session=True)
+        # The admin account may read every topic (no device's nor platform account may).
+        self.client = mqtt_client(settings, f"count-{prefix}", account(settings, "admin"))
         subscribed = threading.Event()
-        self.client.on_connect = lambda c, u, f, r, p: c.subscribe("devices/+/commands", qos=1)
-        self.client.on_subscribe = lambda *args: subscribed.set()
+        self.client.on_subscribe = lambda c, u, mid, reasons, p: reasons[0].is_failure or subscribed.set()
         self.client.on_message = self._on_message
-        self.client.connect(url.hostname, url.port or 1883)
-        self.client.loop_start()
+        self.client.subscribe("devices/+/commands", qos=1)
         assert subscribed.wait(10), "the command counter could not subscribe"
 
     def _on_message(self, client, userdata, message) -> None:
@@ -173,6 +170,7 @@ class Rig:
             self.bridge.terminate()
             self.bridge.wait(timeout=30)
             forget_mqtt_session(self.settings, f"bridge-{self.run_id}")
+        forget_device_accounts(self.settings, self.ids)
         if self.created:
             asyncio.run(self._end_created())
 

@@ -10,13 +10,14 @@ import json
 import time
 from collections import Counter
 
-import paho.mqtt.client as mqtt
 import pytest
 
 from iotflow import topics
 from iotflow.fuzz import hostile_payloads
+from iotflow.mqtt_auth import Account
 from iotflow.simulator import FleetConfig
-from iotflow.testing import http_json, register, stored_messages, topic_messages, wait_for
+from iotflow.testing import (device_credentials, http_json, mqtt_client, register, stored_messages, topic_messages,
+                             wait_for)
 from tests.integration.test_mqtt_path import FleetThroughBridge
 
 PER_PATH = 5000
@@ -24,22 +25,28 @@ BATCH = 100
 
 
 def _publish_all(settings, payloads: list[tuple[str, str, bytes]]) -> None:
-    """Every payload on its device's telemetry topic at QoS 1, until the broker acknowledged each."""
-    host, port = settings.mqtt_url.rsplit("//", 1)[-1].rsplit(":", 1)
-    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"storm-{time.monotonic_ns()}")
-    client.max_inflight_messages_set(500)
-    client.max_queued_messages_set(0)
-    client.connect(host, int(port))
-    client.loop_start()
+    """Every payload on its device's telemetry topic at QoS 1, each device through its own MQTT
+    account (a hostile device can only publish on its own topics), until the broker acknowledged each."""
+    by_device: dict[str, list[bytes]] = {}
+    for device, _, raw in payloads:
+        by_device.setdefault(device, []).append(raw)
+    passwords = device_credentials(settings, by_device)
+    clients = []
     try:
-        sent = [client.publish(f"devices/{device}/telemetry", raw, qos=1) for device, _, raw in payloads]
+        sent = []
+        for device, raws in by_device.items():
+            client = mqtt_client(settings, device, Account(device, passwords[device]))
+            clients.append(client)
+            client.max_inflight_messages_set(500)
+            sent += [client.publish(f"devices/{device}/telemetry", raw, qos=1) for raw in raws]
         deadline = time.monotonic() + 120
         for info in sent:
             info.wait_for_publish(timeout=max(0.1, deadline - time.monotonic()))
         assert all(info.is_published() for info in sent), "the broker did not acknowledge every hostile payload"
     finally:
-        client.loop_stop()
-        client.disconnect()
+        for client in clients:
+            client.disconnect()
+            client.loop_stop()
 
 
 def _post_all(url: str, headers: dict[str, str], payloads: list[tuple[str, str, bytes]]) -> Counter:

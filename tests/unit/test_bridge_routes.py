@@ -29,3 +29,12 @@ def test_bridges_share_one_subscription_per_device_topic():
 
 def test_an_exclusive_subscription_has_no_share_prefix():
     assert subscriptions("g", "exclusive") == ["devices/+/telemetry", "devices/+/heartbeat", "devices/+/firmware/status"]
+
+
+def test_devices_may_publish_exactly_the_topics_the_bridge_serves():
+    from iotflow.bridge import ROUTES
+    from iotflow.mqtt_auth import DEVICE_PUBLISHES, acl_file_text
+
+    assert set(DEVICE_PUBLISHES) == set(ROUTES)
+    assert {line.split()[-1] for line in acl_file_text().splitlines() if line.startswith("pattern write")} == {
+        f"devices/%u/{suffix}" for suffix in ROUTES}

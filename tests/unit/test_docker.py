@@ -6,6 +6,7 @@ from pathlib import Path
 
 import yaml
 
+from iotflow.mqtt_auth import acl_file_text
 from iotflow.settings import Settings
 from iotflow.stack.kafka import kafka_version
 
@@ -103,3 +104,19 @@ def test_the_image_is_non_root_with_a_health_check_on_liveness():
     dockerfile = (DOCKER / "Dockerfile").read_text()
     assert "USER iotflow" in dockerfile
     assert "HEALTHCHECK" in dockerfile and "/health/live" in dockerfile
+
+
+def test_both_brokers_refuse_anonymous_clients_and_use_the_generated_device_acl():
+    conf = (DOCKER / "mosquitto.conf").read_text().splitlines()
+    assert "allow_anonymous false" in conf and "acl_file /mosquitto/config/device-acl.conf" in conf
+    assert any(line.startswith("plugin ") and line.endswith("mosquitto_dynamic_security.so") for line in conf)
+    assert (DOCKER / "device-acl.conf").read_text() == acl_file_text()
+    for services in (compose()["services"], production()["services"]):
+        assert "./device-acl.conf:/mosquitto/config/device-acl.conf:ro" in services["mosquitto"]["volumes"]
+        assert services["mqtt-setup"]["command"] == ["iotflow", "mqtt", "setup"]
+        admin = services["mosquitto"]["environment"]["IOTFLOW_MQTT_ADMIN_PASSWORD"]
+        for name, service in services.items():
+            if name.startswith(("worker", "bridge")):
+                assert service["depends_on"]["mqtt-setup"] == {"condition": "service_completed_successfully"}
+                env = {k: str(v) for k, v in service["environment"].items()}
+                assert Settings.from_env(env).mqtt_admin_password == admin

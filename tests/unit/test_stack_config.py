@@ -66,6 +66,15 @@ def test_services_take_their_ports_from_the_app_settings(tmp_path: Path):
     assert "listener 21883 127.0.0.1" in Mosquitto(StackPaths.at(tmp_path), settings).config_text()
 
 
+def test_the_local_broker_refuses_anonymous_clients_and_checks_devices_topics(tmp_path: Path):
+    broker = Mosquitto(StackPaths.at(tmp_path), Settings(stack_dir=tmp_path))
+    lines = broker.config_text().splitlines()
+    assert "allow_anonymous false" in lines and "allow_anonymous true" not in lines
+    assert f"plugin {broker.plugin_path()}" in lines  # Debian's mosquitto ships the plugin
+    assert f"plugin_opt_config_file {broker.dynsec_file}" in lines
+    assert f"acl_file {broker.acl_file}" in lines
+
+
 def test_one_postgres_serves_both_dsns(tmp_path: Path):
     settings = Settings(
         stack_dir=tmp_path,
