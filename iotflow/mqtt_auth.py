@@ -75,9 +75,16 @@ def broker_address(settings: Settings) -> tuple[str, int]:
 def configure(client: mqtt.Client, settings: Settings, credentials: Account) -> tuple[str, int]:
     """Set ``client``'s credentials (and TLS for an mqtts:// URL); return the host and port to connect to."""
     client.username_pw_set(credentials.username, credentials.password)
-    if urlsplit(settings.mqtt_url).scheme == "mqtts":
-        client.tls_set(cert_reqs=ssl.CERT_REQUIRED)
+    secure(client, settings)
     return broker_address(settings)
+
+
+def secure(client: mqtt.Client, settings: Settings) -> None:
+    """For an mqtts:// URL: TLS 1.2 or later, the broker's certificate checked against
+    IOTFLOW_MQTT_CA_FILE (or the system's CAs) and its name against the URL's host."""
+    if urlsplit(settings.mqtt_url).scheme == "mqtts":
+        client.tls_set(ca_certs=settings.mqtt_ca_file or None, cert_reqs=ssl.CERT_REQUIRED,
+                       tls_version=ssl.PROTOCOL_TLS_CLIENT)
 
 
 def new_password() -> str:

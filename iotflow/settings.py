@@ -185,6 +185,13 @@ def _optional_url(*schemes: str) -> Callable[[str, str], str]:
     return lambda name, raw: raw.strip() if not raw.strip() else parse(name, raw)
 
 
+def _flag(name: str, raw: str) -> bool:
+    value = raw.strip().lower()
+    if value not in ("true", "false"):
+        raise SettingsError(name, raw, "true or false")
+    return value == "true"
+
+
 def _choice(*choices: str) -> Callable[[str, str], str]:
     def parse(name: str, raw: str) -> str:
         value = raw.strip().lower()
@@ -237,6 +244,9 @@ class Settings:
     )
     redis_url: str = _setting("redis://127.0.0.1:16379/0", _redis_url, "Redis URL for the cache (redis+sentinel://h:p,h:p/<master>/<db> under Sentinel)")
     mqtt_url: str = _setting("mqtt://127.0.0.1:11883", _url("mqtt", "mqtts"), "MQTT broker URL")
+    mqtt_ca_file: str = _setting("", _text, "CA certificates (PEM) the broker's certificate must chain to, for an mqtts:// URL (empty: the system's)")
+    mqtt_require_tls: bool = _setting(False, _flag, "true: refuse an mqtt:// URL — only mqtts:// (the production profile sets it)")
+    stack_mqtt_tls_port: int = _setting(11884, _port, "port of the local stack's MQTT-over-TLS listener (certificate from the stack's throwaway CA, <stack>/mosquitto/tls/ca.crt)")
     mqtt_admin_user: str = _setting("iotflow-admin", _non_empty, "MQTT account that manages device credentials (Mosquitto dynamic security's $CONTROL)")
     mqtt_admin_password: str = _setting(DEV_MQTT_PASSWORDS["admin"], _secret, "password of IOTFLOW_MQTT_ADMIN_USER (32+ characters)", secret=True)
     mqtt_bridge_user: str = _setting("iotflow-bridge", _non_empty, "MQTT account of the bridges (subscribes to the devices' topics)")
@@ -311,6 +321,8 @@ class Settings:
     mqtt_keepalive_s: float = _setting(30.0, _positive_seconds, "MQTT keepalive interval")
 
     def __post_init__(self) -> None:
+        if self.mqtt_require_tls and urlsplit(self.mqtt_url).scheme != "mqtts":
+            raise SettingsError(env_name("mqtt_url"), self.mqtt_url, "an mqtts:// URL (IOTFLOW_MQTT_REQUIRE_TLS is true)")
         if self.jwt_kid in self.jwt_keys.previous:
             raise SettingsError(env_name("jwt_kid"), self.jwt_kid,
                                 "a key id IOTFLOW_JWT_PREVIOUS_KEYS does not name too (the current key is not a previous one)")
@@ -377,6 +389,6 @@ def documented() -> list[tuple[str, str, str]]:
     """``(variable, default, meaning)`` for every setting, in declaration order (for the docs)."""
     rows = []
     for f in dataclasses.fields(Settings):
-        default = "" if f.default is None else str(f.default)
+        default = "" if f.default is None else str(f.default).lower() if isinstance(f.default, bool) else str(f.default)
         rows.append((env_name(f.name), default, f.metadata["doc"]))
     return rows

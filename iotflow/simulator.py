@@ -35,12 +35,11 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from urllib.parse import urlsplit
 
 import paho.mqtt.client as mqtt
 
 from iotflow.backoff import full_jitter
-from iotflow.mqtt_auth import DynamicSecurity, broker_address
+from iotflow.mqtt_auth import DynamicSecurity, broker_address, secure
 from iotflow.registry import provision
 from iotflow.settings import Settings
 
@@ -298,8 +297,7 @@ class Fleet:
                              protocol=mqtt.MQTTv311)
         client.max_queued_messages_set(self.config.buffer_size)
         client.max_inflight_messages_set(100)
-        if urlsplit(self.settings.mqtt_url).scheme == "mqtts":
-            client.tls_set()
+        secure(client, self.settings)
         device = _Device(DeviceReport(device_id), client, rng)
 
         def on_connect(c: mqtt.Client, u: object, flags: object, reason: object, props: object) -> None:

@@ -206,11 +206,12 @@ def forget_mqtt_session(settings: Settings, client_id: str, timeout: float = 10.
 
 
 def mqtt_client(settings: Settings, client_id: str, credentials: Account, *, timeout: float = 10.0,
-                protocol: int = mqtt.MQTTv311) -> mqtt.Client:
+                protocol: int = mqtt.MQTTv311, max_inflight: int = 20) -> mqtt.Client:
     """A paho client connected (clean session, network loop running) as ``credentials``; the
     caller disconnects it (its loop thread ends with the connection)."""
     client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, protocol=protocol,
                          **({"clean_session": True} if protocol != mqtt.MQTTv5 else {}))
+    client.max_inflight_messages_set(max_inflight)
     connected = threading.Event()
     refused: list[str] = []
     client.on_connect = lambda c, u, f, reason, p: refused.append(str(reason)) if reason.is_failure else connected.set()

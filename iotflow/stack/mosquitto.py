@@ -1,6 +1,7 @@
 """Mosquitto (Debian's package) on loopback, with persistence for QoS 1 sessions and the
 dynamic-security plugin: no anonymous access; the platform's accounts and roles are set up by
-``start`` from the settings, devices' accounts by the worker (iotflow/mqtt_auth.py)."""
+``start`` from the settings, devices' accounts by the worker (iotflow/mqtt_auth.py). A second
+listener serves the same broker over TLS with a certificate from a throwaway CA (iotflow/stack/tls.py)."""
 from __future__ import annotations
 
 import getpass
@@ -22,6 +23,7 @@ from iotflow.stack.base import (
     stop_pid,
     wait_until,
 )
+from iotflow.stack.tls import TlsFiles, throwaway_ca
 
 
 class Mosquitto(Service):
@@ -31,12 +33,14 @@ class Mosquitto(Service):
         self.paths = paths
         self.settings = settings
         self.port = loopback_port("IOTFLOW_MQTT_URL", settings.mqtt_url)
+        self.tls_port = settings.stack_mqtt_tls_port
         self.home = paths.service_dir("mosquitto")
         self.config = self.home / "mosquitto.conf"
         self.pid_file = self.home / "mosquitto.pid"
         self.log_file = paths.logs / "mosquitto.log"
         self.dynsec_file = self.home / "dynamic-security.json"
         self.acl_file = self.home / "device-acl.conf"
+        self.tls = TlsFiles.at(self.home / "tls")
 
     def config_text(self) -> str:
         return "\n".join(
@@ -65,6 +69,11 @@ class Mosquitto(Service):
                 f"pid_file {self.pid_file}",
                 # Mosquitto started as root switches to this user; keep the one that owns the folder.
                 f"user {getpass.getuser()}",
+                # The same broker over TLS, its certificate from the stack's throwaway CA.
+                f"listener {self.tls_port} 127.0.0.1",
+                f"cafile {self.tls.ca}",
+                f"certfile {self.tls.cert}",
+                f"keyfile {self.tls.key}",
                 "",
             ]
         )
@@ -72,7 +81,7 @@ class Mosquitto(Service):
     def start(self) -> None:
         if self.status().up:
             return
-        refuse_taken_ports(self.name, self.port)
+        refuse_taken_ports(self.name, self.port, self.tls_port)
         broker = require_binary("mosquitto", "mosquitto")
         (self.home / "data").mkdir(parents=True, exist_ok=True)
         self.paths.logs.mkdir(parents=True, exist_ok=True)
@@ -83,6 +92,7 @@ class Mosquitto(Service):
                  self.settings.mqtt_admin_password], timeout=30, what="creating Mosquitto's dynamic-security file")
             self.dynsec_file.chmod(0o600)  # the accounts' password hashes
         self.acl_file.write_text(acl_file_text())
+        throwaway_ca(self.tls.ca.parent)
         self.config.write_text(self.config_text())
         run([broker, "-c", str(self.config), "-d"], timeout=30, what="starting mosquitto")
         wait_until(self._answers, timeout=30, what=f"Mosquitto did not accept the admin account's connection "
@@ -109,7 +119,8 @@ class Mosquitto(Service):
     def status(self) -> ServiceStatus:
         pid = read_pid(self.pid_file)
         up = pid is not None and self._answers()
-        return ServiceStatus(self.name, up, f"127.0.0.1:{self.port}", "Mosquitto" + (f", pid {pid}" if pid else ""))
+        return ServiceStatus(self.name, up, f"127.0.0.1:{self.port}",
+                             "Mosquitto" + (f", pid {pid}" if pid else "") + f", TLS on 127.0.0.1:{self.tls_port}")
 
     def _answers(self) -> bool:
         """True when the broker accepts the admin account's MQTT CONNECT (CONNACK success)."""

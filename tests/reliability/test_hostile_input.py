@@ -35,9 +35,8 @@ def _publish_all(settings, payloads: list[tuple[str, str, bytes]]) -> None:
     try:
         sent = []
         for device, raws in by_device.items():
-            client = mqtt_client(settings, device, Account(device, passwords[device]))
+            client = mqtt_client(settings, device, Account(device, passwords[device]), max_inflight=500)
             clients.append(client)
-            client.max_inflight_messages_set(500)
             sent += [client.publish(f"devices/{device}/telemetry", raw, qos=1) for raw in raws]
         deadline = time.monotonic() + 120
         for info in sent:

@@ -120,3 +120,18 @@ def test_both_brokers_refuse_anonymous_clients_and_use_the_generated_device_acl(
                 assert service["depends_on"]["mqtt-setup"] == {"condition": "service_completed_successfully"}
                 env = {k: str(v) for k, v in service["environment"].items()}
                 assert Settings.from_env(env).mqtt_admin_password == admin
+
+
+def test_production_mqtt_is_tls_only():
+    conf = (DOCKER / "mosquitto.production.conf").read_text().splitlines()
+    listeners = [line for line in conf if line.startswith("listener ")]
+    assert listeners == ["listener 8883 0.0.0.0"]
+    assert {"cafile /mosquitto/certs/ca.crt", "certfile /mosquitto/certs/server.crt",
+            "keyfile /mosquitto/certs/server.key"} <= set(conf)
+    services = production()["services"]
+    assert "./mosquitto.production.conf:/mosquitto/config/mosquitto.conf:ro" in services["mosquitto"]["volumes"]
+    for name, service in services.items():
+        if name.startswith(("worker", "bridge", "mqtt-setup")):
+            settings = Settings.from_env({k: str(v) for k, v in service["environment"].items()})
+            assert settings.mqtt_require_tls and settings.mqtt_url == "mqtts://mosquitto:8883"
+            assert f"./certs/ca.crt:{settings.mqtt_ca_file}:ro" in service["volumes"]
