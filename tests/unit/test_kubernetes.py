@@ -78,3 +78,17 @@ def test_bridges_keep_their_mqtt_session_across_restarts():
     bridge = documents()[("StatefulSet", "iotflow-bridge")]["spec"]["template"]["spec"]["containers"][0]
     env = {e["name"]: e for e in bridge["env"]}
     assert env["IOTFLOW_BRIDGE_CLIENT_ID"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"
+
+
+def test_mqtt_is_tls_only_with_the_ca_mounted_and_each_account_from_the_secret():
+    settings = Settings.from_env({**config(), "IOTFLOW_JWT_SECRET": "x" * 40})
+    assert settings.mqtt_require_tls and settings.mqtt_url.startswith("mqtts://")
+    bridge = documents()[("StatefulSet", "iotflow-bridge")]["spec"]["template"]["spec"]
+    for spec, accounts in ((worker(), {"IOTFLOW_MQTT_ADMIN_PASSWORD", "IOTFLOW_MQTT_PLATFORM_PASSWORD"}),
+                           (bridge, {"IOTFLOW_MQTT_BRIDGE_PASSWORD"})):
+        container = spec["containers"][0]
+        from_secret = {e["name"] for e in container["env"] if "secretKeyRef" in e.get("valueFrom", {})}
+        assert accounts <= from_secret
+        mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
+        assert settings.mqtt_ca_file == mounts["mqtt-ca"] + "/ca.crt"
+        assert {v["name"]: v for v in spec["volumes"]}["mqtt-ca"]["secret"]["secretName"] == "iotflow-mqtt-ca"
