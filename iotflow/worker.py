@@ -8,14 +8,23 @@ runs — after the ``before_stop`` hooks: the ingest pipeline stops taking messa
 queued batch durable, acknowledges it and commits, so what the worker stored is exactly what it
 committed — the web server stops listening and lets in-flight requests finish, the agents stop,
 and the process exits 0. A second SIGTERM, or SIGINT, skips what is left of the drain.
+
+Under ``exactly_once`` the worker starts without its local tables (:func:`discard_local_tables`):
+a table write's changelog record is acknowledged — and applied to RocksDB — before its Kafka
+transaction commits, so a worker killed in between leaves RocksDB holding writes the broker then
+aborts. Restored from their changelogs (read committed) instead, the tables hold exactly what was
+committed; Kafka Streams does the same after an unclean stop.
 """
 from __future__ import annotations
 
 import asyncio
+import shutil
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 
 import faust
 import structlog
+from faust.types.enums import ProcessingGuarantee
 
 log = structlog.get_logger(__name__)
 
@@ -44,8 +53,26 @@ def draining(app: faust.App) -> Draining:
     return state
 
 
+def discard_local_tables(app: faust.App) -> bool:
+    """Under exactly_once, delete the worker's RocksDB tables before they open (the worker then
+    restores them from their changelogs); True when there were some."""
+    if app.conf.processing_guarantee is not ProcessingGuarantee.EXACTLY_ONCE:
+        return False
+    tables = Path(app.conf.tabledir)
+    if not tables.exists():
+        return False
+    shutil.rmtree(tables)
+    log.info("exactly_once_tables_discarded", path=str(tables),
+             detail="restored from their changelogs: RocksDB may hold writes of an aborted transaction")
+    return True
+
+
 class Worker(faust.Worker):
     drain_s: float = 5.0  # set from IOTFLOW_SHUTDOWN_DRAIN_S by iotflow.app
+
+    async def on_execute(self) -> None:
+        discard_local_tables(self.app)  # before any table opens its store
+        await super().on_execute()
 
     def _on_sigterm(self) -> None:
         state = draining(self.app)
