@@ -63,6 +63,7 @@ def test_registering_twice_creates_one_device_and_a_contradiction_is_a_conflict(
     assert headers["ETag"] == '"1"' and headers["X-Request-ID"]
     assert (created["tags"], created["status"], created["version"]) == (["a", "b"], "active", 1)
 
+    assert created.pop("mqtt")["password"]  # the device's MQTT password, in the first answer only
     status, _, again = _call("POST", api.url, body)
     assert (status, again) == (200, created)
 

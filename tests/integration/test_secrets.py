@@ -1,4 +1,5 @@
-"""The API's signing keys on a real worker: read from files, rotated with overlap, never logged."""
+"""The API's signing keys on a real worker: read from files, rotated with overlap, never logged —
+nor the MQTT passwords it issues and uses."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -29,7 +30,10 @@ def test_a_rotated_key_keeps_old_tokens_valid_until_it_is_retired_and_no_secret_
     worker.wait_ready()
     devices = f"{worker.url}/api/v1/devices"
     old, new = _token(OLD, "k1", settings), _token(NEW, "k2", settings)
-    assert http_json("POST", devices, {"id": f"rot-{run_id}", "name": "n", "type": "t"}, headers=old)[0] == 201
+    status, _, registered = http_json("POST", devices, {"id": f"rot-{run_id}", "name": "n", "type": "t"}, headers=old)
+    assert status == 201
+    device_password = registered["mqtt"]["password"]
+    rotated = http_json("POST", f"{devices}/rot-{run_id}/credentials", headers=old)[2]["mqtt"]["password"]
     assert http_json("GET", f"{devices}/rot-{run_id}", headers=new)[0] == 200
     status, _, problem = http_json("GET", devices, headers=_token(OLD, "k2", settings))  # old key, new id
     assert status == 401 and "Signature verification failed" in problem["detail"]
@@ -47,5 +51,6 @@ def test_a_rotated_key_keeps_old_tokens_valid_until_it_is_retired_and_no_secret_
     worker.terminate()
 
     log = Path(worker.log_path).read_text(errors="replace")  # both runs, at debug level
-    for secret in (OLD, NEW, old["Authorization"].split()[1], new["Authorization"].split()[1]):
+    for secret in (OLD, NEW, old["Authorization"].split()[1], new["Authorization"].split()[1], device_password,
+                   rotated, settings.mqtt_admin_password, settings.mqtt_platform_password):
         assert secret not in log
