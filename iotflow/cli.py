@@ -257,13 +257,11 @@ def devices_credentials(prefix: str, count: int, out: str) -> None:
     from iotflow.mqtt_auth import DynamicSecurity
     from iotflow.simulator import device_ids
 
-    control = DynamicSecurity(_settings(), timeout_s=120.0)
     try:
-        passwords = control.issue(device_ids(prefix, count))
+        with DynamicSecurity(_settings(), timeout_s=120.0) as control:
+            passwords = control.issue(device_ids(prefix, count))
     except IotflowError as exc:
         raise click.ClickException(str(exc)) from None
-    finally:
-        control.close()
     fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as handle:
         json.dump(passwords, handle, indent=1)
@@ -281,13 +279,11 @@ def mqtt_setup() -> None:
     ``iotflow stack up`` does it for the local broker."""
     from iotflow.mqtt_auth import DynamicSecurity
 
-    control = DynamicSecurity(_settings())
     try:
-        control.ensure_platform_accounts()
+        with DynamicSecurity(_settings()) as control:
+            control.ensure_platform_accounts()
     except IotflowError as exc:
         raise click.ClickException(str(exc)) from None
-    finally:
-        control.close()
     click.echo("MQTT roles and platform accounts are set up")
 
 

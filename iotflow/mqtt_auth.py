@@ -87,6 +87,25 @@ def secure(client: mqtt.Client, settings: Settings) -> None:
                        tls_version=ssl.PROTOCOL_TLS_CLIENT)
 
 
+def signs_in(settings: Settings, credentials: Account, timeout_s: float) -> bool:
+    """True when the broker accepts ``credentials`` (a CONNECT answered with CONNACK success)."""
+    answered, outcome = threading.Event(), []
+    probe = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"iotflow-probe-{uuid.uuid4().hex[:12]}",
+                        clean_session=True, protocol=mqtt.MQTTv311)
+    probe.on_connect = lambda c, u, f, reason, p: (outcome.append(not reason.is_failure), answered.set())
+    host, port = configure(probe, settings, credentials)
+    try:
+        probe.connect(host, port, keepalive=10)
+    except OSError:
+        return False
+    probe.loop_start()
+    try:
+        return answered.wait(timeout_s) and outcome[0]
+    finally:
+        probe.disconnect()
+        probe.loop_stop()
+
+
 def new_password() -> str:
     return secrets.token_urlsafe(24)
 
@@ -195,6 +214,12 @@ class DynamicSecurity:
                 for correlation, _ in slots:
                     self._waiting.pop(correlation, None)
 
+    def __enter__(self) -> DynamicSecurity:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
     def close(self) -> None:
         with self._lock:
             client, self._client = self._client, None
@@ -229,59 +254,39 @@ class DynamicSecurity:
     def _in_place(self, credentials: Account, role: str) -> bool:
         found = self.call([{"command": "getClient", "username": credentials.username}])[0]
         client = found.get("data", {}).get("client", {})
-        if found.get("error") or client.get("disabled") or role not in {r.get("rolename") for r in client.get("roles", [])}:
+        if found.get("error") or client.get("disabled") or role not in _roles(client):
             return False
-        answered, outcome = threading.Event(), []
-        probe = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"iotflow-probe-{uuid.uuid4().hex[:12]}",
-                            clean_session=True, protocol=mqtt.MQTTv311)
-        probe.on_connect = lambda c, u, f, reason, p: (outcome.append(not reason.is_failure), answered.set())
-        host, port = configure(probe, self.settings, credentials)
-        try:
-            probe.connect(host, port, keepalive=10)
-        except OSError:
-            return False
-        probe.loop_start()
-        try:
-            return answered.wait(self.timeout_s) and outcome[0]
-        finally:
-            probe.disconnect()
-            probe.loop_stop()
+        return signs_in(self.settings, credentials, self.timeout_s)
 
-    def set_accounts(self, accounts: Sequence[tuple[Account, str, str | None]]) -> None:
+    def set_accounts(self, accounts: Sequence[tuple[Account, str, str | None]], *,
+                     existing_must_have: str | None = None) -> None:
         """Create each (account, role, client id or None), or give an existing one this password,
-        role and client id, and enable it. Changing an account closes its connections."""
+        role and client id, and enable it. Changing an account closes its connections. With
+        ``existing_must_have``, an existing account without that role is refused, never changed."""
         for start in range(0, len(accounts), _BATCH):
             chunk = accounts[start:start + _BATCH]
             created = self.call([_create(*entry) for entry in chunk])
             _check(created, tolerate="already exists")
             existing = [entry for entry, answer in zip(chunk, created, strict=True) if answer.get("error")]
-            if existing:
-                commands = [{**_create(*entry), "command": "modifyClient"} for entry in existing]
-                commands += [{"command": "enableClient", "username": entry[0].username} for entry in existing]
-                _check(self.call(commands))
+            if not existing:
+                continue
+            if existing_must_have is not None:
+                found = self.call([{"command": "getClient", "username": entry[0].username} for entry in existing])
+                _check(found)
+                for entry, answer in zip(existing, found, strict=True):
+                    if existing_must_have not in _roles(answer.get("data", {}).get("client", {})):
+                        raise MqttAuthError(f"the MQTT account {entry[0].username!r} exists and is not a device's")
+            commands = [{**_create(*entry), "command": "modifyClient"} for entry in existing]
+            commands += [{"command": "enableClient", "username": entry[0].username} for entry in existing]
+            _check(self.call(commands))
 
     def issue(self, device_ids: Iterable[str]) -> dict[str, str]:
         """A new password for each device (its account created if it has none, enabled if it was
         revoked); the old password stops working and connections made with it are closed. An
         existing account that is not a device's (a platform account) is never touched."""
         passwords = {device_id: new_password() for device_id in self._devices_only(device_ids)}
-        ids = list(passwords)
-        for start in range(0, len(ids), _BATCH):
-            chunk = ids[start:start + _BATCH]
-            created = self.call([_create(Account(d, passwords[d]), DEVICE_ROLE, d) for d in chunk])
-            _check(created, tolerate="already exists")
-            existing = [d for d, answer in zip(chunk, created, strict=True) if answer.get("error")]
-            if existing:
-                found = self.call([{"command": "getClient", "username": d} for d in existing])
-                _check(found)
-                for device_id, answer in zip(existing, found, strict=True):
-                    roles = {r.get("rolename") for r in answer.get("data", {}).get("client", {}).get("roles", [])}
-                    if DEVICE_ROLE not in roles:
-                        raise MqttAuthError(f"the MQTT account {device_id!r} exists and is not a device's")
-                commands = [{**_create(Account(d, passwords[d]), DEVICE_ROLE, d), "command": "modifyClient"}
-                            for d in existing]
-                commands += [{"command": "enableClient", "username": d} for d in existing]
-                _check(self.call(commands))
+        self.set_accounts([(Account(d, p), DEVICE_ROLE, d) for d, p in passwords.items()],
+                          existing_must_have=DEVICE_ROLE)
         return passwords
 
     def _devices_only(self, device_ids: Iterable[str]) -> list[str]:
@@ -328,6 +333,11 @@ def _create(credentials: Account, role: str, client_id: str | None) -> dict[str,
     if client_id is not None:
         command["clientid"] = client_id
     return command
+
+
+def _roles(client: dict[str, Any]) -> set[str]:
+    """The role names of a getClient answer's client."""
+    return {r.get("rolename") for r in client.get("roles", [])}
 
 
 def command_names(commands: Sequence[dict[str, Any]]) -> str:

@@ -219,7 +219,6 @@ class DeviceRegistry:
             await audit.record(conn, "device.delete", "device", device_id, version=device.version)
             return device
 
-
     async def rotate_credentials(self, device_id: str, issue: Callable[[str], Awaitable[str]]) -> str:
         """A new MQTT password for the live device (its account re-enabled, its connections closed)."""
         async with self.connection(transaction=True) as conn:

@@ -510,11 +510,8 @@ class Fleet:
 
     def authenticate(self) -> None:
         """Give each device a new MQTT password, issued now (as an admin rotating them)."""
-        control = DynamicSecurity(self.settings, timeout_s=60.0)
-        try:
+        with DynamicSecurity(self.settings, timeout_s=60.0) as control:
             credentials = control.issue(d.report.device_id for d in self.devices)
-        finally:
-            control.close()
         for device in self.devices:
             device.client.username_pw_set(device.report.device_id, credentials[device.report.device_id])
 

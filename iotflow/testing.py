@@ -229,20 +229,14 @@ def forget_device_accounts(settings: Settings, device_ids: Iterable[str]) -> int
     """Delete these devices' MQTT accounts: a test's fleet leaves the shared broker's account file
     as it found it (Mosquitto rewrites the whole file on each change, so its size is every later
     test's cost)."""
-    control = DynamicSecurity(settings, timeout_s=60.0)
-    try:
+    with DynamicSecurity(settings, timeout_s=60.0) as control:
         return control.delete(device_ids)
-    finally:
-        control.close()
 
 
 def device_credentials(settings: Settings, device_ids: Iterable[str]) -> dict[str, str]:
     """New MQTT passwords for ``device_ids`` (accounts created where missing), as an admin issues them."""
-    control = DynamicSecurity(settings, timeout_s=60.0)
-    try:
+    with DynamicSecurity(settings, timeout_s=60.0) as control:
         return control.issue(device_ids)
-    finally:
-        control.close()
 
 
 def telemetry(device_id: str, seq: int, *, metrics: dict[str, float] | None = None) -> bytes:

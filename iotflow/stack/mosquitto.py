@@ -4,12 +4,12 @@ dynamic-security plugin: no anonymous access; the platform's accounts and roles 
 listener serves the same broker over TLS with a certificate from a throwaway CA (iotflow/stack/tls.py)."""
 from __future__ import annotations
 
+import dataclasses
 import getpass
 import glob
-import threading
 
 from iotflow.errors import MqttAuthError, StackError
-from iotflow.mqtt_auth import DynamicSecurity, acl_file_text
+from iotflow.mqtt_auth import DynamicSecurity, account, acl_file_text, signs_in
 from iotflow.settings import Settings
 from iotflow.stack.base import (
     Service,
@@ -98,13 +98,11 @@ class Mosquitto(Service):
         wait_until(self._answers, timeout=30, what=f"Mosquitto did not accept the admin account's connection "
                                                     f"(see {self.log_file}; {self.dynsec_file} keeps the admin "
                                                     f"password it was created with)")
-        control = DynamicSecurity(self.settings)
         try:
-            control.ensure_platform_accounts()
+            with DynamicSecurity(self.settings) as control:
+                control.ensure_platform_accounts()
         except MqttAuthError as exc:
             raise StackError(f"setting up Mosquitto's platform accounts: {exc}") from exc
-        finally:
-            control.close()
 
     @staticmethod
     def plugin_path() -> str:
@@ -124,19 +122,6 @@ class Mosquitto(Service):
 
     def _answers(self) -> bool:
         """True when the broker accepts the admin account's MQTT CONNECT (CONNACK success)."""
-        import paho.mqtt.client as mqtt
-
-        connected = threading.Event()
-        client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="", clean_session=True)
-        client.username_pw_set(self.settings.mqtt_admin_user, self.settings.mqtt_admin_password)
-        client.on_connect = lambda c, u, flags, reason, props: reason.is_failure or connected.set()
-        try:
-            client.connect("127.0.0.1", self.port, keepalive=5)
-        except OSError:
-            return False
-        client.loop_start()
-        try:
-            return connected.wait(timeout=3)
-        finally:
-            client.disconnect()
-            client.loop_stop()
+        plain = dataclasses.replace(self.settings, mqtt_url=f"mqtt://127.0.0.1:{self.port}",
+                                    mqtt_require_tls=False)
+        return signs_in(plain, account(self.settings, "admin"), timeout_s=3)
