@@ -116,5 +116,9 @@ ARCHIVE_BYTES = Counter("iotflow_archive_bytes_written_total", "Parquet bytes th
 ARCHIVE_FAILURES = Counter(
     "iotflow_archive_failures_total",
     "Archive job runs that stopped on an error, by stage (connect, export, upload, verify, drop, expire, unexpected).", ["stage"])
+TIMER_FAILURES = Counter(
+    "iotflow_timer_failures_total",
+    "Rounds of a background timer (outbox relay, orchestrator, metrics samples, upkeep) that raised an unexpected "
+    "error; logged with its traceback as timer_failed, and the next round runs.", ["timer"])
 ARCHIVE_LAST_SUCCESS = Gauge(
     "iotflow_archive_last_success_timestamp_seconds", "When the archive job last finished a run without an error.")

@@ -17,6 +17,7 @@ from aiohttp import web
 from faust.types import TP
 
 from iotflow import metrics, topics
+from iotflow.agents.timers import survives
 from iotflow.ingest import IngestPipeline
 from iotflow.pg import LazyPool
 from iotflow.settings import Settings
@@ -37,6 +38,7 @@ def register(app: faust.App, settings: Settings, pipeline: IngestPipeline, pools
     metrics.FETCH_HELD.set_function(lambda: len(_fetch_held(app, sources)))
 
     @app.timer(SAMPLE_EVERY_S, name="iotflow.metrics.sample")
+    @survives("metrics_sample")
     async def sample() -> None:
         sample_lag(app, sources, sensor_data, pipeline.durable_until, time.time())
         if not app.in_recovery:

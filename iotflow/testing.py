@@ -155,6 +155,13 @@ class WorkerProcess:
             time.sleep(0.2)
         raise TimeoutError(f"worker not ready within {timeout}s:\n{self.log_text()[-4000:]}")
 
+    def assert_running(self, during: str) -> None:
+        """Fail, with the end of the worker's log (where its crash is), if it has exited."""
+        assert self.proc is not None, "worker not started"
+        if self.proc.poll() is not None:
+            raise AssertionError(f"the worker exited with {self.proc.returncode} {during}; its log ends:\n"
+                                 f"{self.log_text()[-3000:]}")
+
     def wait_registered(self, devices: list[str], timeout: float = 90.0) -> None:
         """Until this worker's registry table knows every device in ``devices`` (``/state`` answers)."""
         viewer = self.bearer()
@@ -190,9 +197,15 @@ class WorkerProcess:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:
-        if self.proc is not None and self.proc.poll() is None:
+        if self.proc is None:
+            return
+        if self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait(timeout=10)
+        elif self.proc.returncode > 0:
+            # It died by itself: pytest shows this (captured) for a failing test, as the cause.
+            print(f"worker on port {self.web_port} exited with {self.proc.returncode}; its log ends:\n"
+                  f"{self.log_text()[-6000:]}")
 
 
 def forget_mqtt_session(settings: Settings, client_id: str, timeout: float = 10.0) -> None:

@@ -33,6 +33,7 @@ from iotflow.errors import InvalidRequest, IotflowError
 from iotflow.outbox import OutboxRelay
 from iotflow.registry import DeviceRegistry
 from iotflow.settings import Settings
+from iotflow.agents.timers import Outage, survives
 from iotflow.tables.batched import TableBatch, write_all
 
 log = structlog.get_logger(__name__)
@@ -44,6 +45,7 @@ _TRANSIENT = (asyncpg.PostgresError, asyncpg.InterfaceError, KafkaError, OSError
 def register(app: faust.App, settings: Settings, *, registry_table: faust.Table, presence: faust.Table,
              registry: DeviceRegistry, relay: OutboxRelay, cache: DeviceCache) -> None:
     unsaved: dict[str, datetime] = {}  # heartbeats not yet in PostgreSQL: device id → last seen
+    relay_outage, last_seen_outage = Outage("outbox_relay_failed"), Outage("last_seen_flush_failed")
     # Written through TableBatch, like the ingest agent's tables: a lifecycle event's change is
     # durable before Faust acknowledges it; heartbeats are written in batches (module docstring).
     entries = TableBatch(app, registry_table, RegistryEntry)
@@ -92,14 +94,18 @@ def register(app: faust.App, settings: Settings, *, registry_table: faust.Table,
                 await cache.invalidate(*changed)
 
     @app.timer(settings.outbox_interval_s, name="iotflow.outbox.relay", on_leader=True)
+    @survives("outbox_relay")
     async def relay_outbox() -> None:
         try:
             while await relay.relay_once() == relay.batch_size:
                 pass  # a full batch: more may be waiting
         except _TRANSIENT as exc:
-            log.warning("outbox_relay_failed", error=f"{exc.__class__.__name__}: {exc}")  # next round retries
+            relay_outage.failed(exc)  # next round retries
+            return
+        relay_outage.succeeded()
 
     @app.timer(settings.last_seen_flush_s, name="iotflow.devices.last_seen")
+    @survives("last_seen")
     async def save_last_seen() -> None:
         if not unsaved:
             return
@@ -107,8 +113,9 @@ def register(app: faust.App, settings: Settings, *, registry_table: faust.Table,
         try:
             moved = await registry.record_last_seen(batch)
         except _TRANSIENT as exc:
-            log.warning("last_seen_flush_failed", devices=len(batch), error=f"{exc.__class__.__name__}: {exc}")
+            last_seen_outage.failed(exc, devices=len(batch))
             return  # kept: the next flush takes them (with any newer times)
+        last_seen_outage.succeeded()
         for device_id, seen in batch.items():
             if unsaved.get(device_id) == seen:
                 del unsaved[device_id]

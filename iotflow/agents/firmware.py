@@ -26,6 +26,7 @@ import structlog
 from aiokafka.errors import KafkaError
 
 from iotflow import metrics, topics
+from iotflow.agents.timers import Outage, survives
 from iotflow.errors import InvalidRequest, IotflowError
 from iotflow.orchestrator import Orchestrator
 from iotflow.rollout_store import RolloutStore
@@ -130,17 +131,23 @@ def register(app: faust.App, settings: Settings, store: RolloutStore, orchestrat
         for rid in set(sent) - set(progress_now):
             del sent[rid]
 
+    tick_outage, progress_outage = Outage("orchestrator_tick_failed"), Outage("rollout_progress_publish_failed")
+
     @app.timer(settings.rollout_tick_s, name="iotflow.rollouts.orchestrator", on_leader=True)
+    @survives("orchestrator")
     async def orchestrate() -> None:
         try:
             report = await orchestrator.tick()
         except _TRANSIENT as exc:
-            log.warning("orchestrator_tick_failed", error=f"{exc.__class__.__name__}: {exc}")  # the next tick retries
+            tick_outage.failed(exc)  # the next tick retries
             return
+        tick_outage.succeeded()
         try:
             await publish_progress(report.progress)
         except (KafkaError, OSError, TimeoutError) as exc:
-            log.warning("rollout_progress_publish_failed", error=f"{exc.__class__.__name__}: {exc}")  # resent next tick
+            progress_outage.failed(exc)  # resent next tick
+        else:
+            progress_outage.succeeded()
         if report.dispatched or report.timed_out or report.retried or report.ended:
             log.info("orchestrator_tick", dispatched=report.dispatched, timed_out=report.timed_out,
                      retried=report.retried, ended=report.ended, held=report.held)

@@ -13,6 +13,7 @@ import faust
 import structlog
 
 from iotflow import metrics
+from iotflow.agents.timers import survives
 from iotflow.archive import ArchiveError, Archiver
 from iotflow.ingest import IngestPipeline
 from iotflow.sinks.timescale import MeasurementSink
@@ -41,15 +42,17 @@ def register(app: faust.App, settings: Settings, pipeline: IngestPipeline, sink:
             finally:
                 await sink.stop()
 
+    # Not @survives: a batch it failed to flush is neither stored nor acknowledged (iotflow.agents.timers).
     @app.timer(settings.sink_flush_interval_s, name="iotflow.ingest.flush")
     async def flush_on_time() -> None:
         await pipeline.tick()
 
     @app.timer(3600.0, name="iotflow.partitions", on_leader=True)
+    @survives("partition_upkeep")
     async def partition_upkeep() -> None:
         try:
             await sink.upkeep(retention_days=settings.retention_days, drop=archiver is None)
-        except (SinkUnavailable, asyncpg.PostgresError, OSError) as exc:
+        except (SinkUnavailable, asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError) as exc:
             log.warning("partition_upkeep_failed", error=str(exc))  # next hour, or the sink on demand
 
     if archiver is not None:

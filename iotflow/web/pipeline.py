@@ -11,6 +11,7 @@ from faust.web import Request, Response, View
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from iotflow import metrics
+from iotflow.agents.timers import survives
 from iotflow.dedup import DeviceAccount
 from iotflow.measurements import MeasurementReader
 from iotflow.settings import Settings
@@ -51,6 +52,7 @@ def register(app: faust.App, settings: Settings, accounts: faust.Table, reader: 
         return totals
 
     @app.timer(ACCOUNTING_SAMPLE_S, name="iotflow.metrics.accounting")
+    @survives("accounting_sample")
     async def export_totals() -> None:
         # Off the event loop: a pass costs about 6 µs per device (measured on decoded values alone).
         open_active_partitions(accounts)  # here, on the loop: the pass in a thread only reads

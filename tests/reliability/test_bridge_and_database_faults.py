@@ -62,7 +62,7 @@ def test_the_database_stopped_for_30_seconds_costs_nothing_and_memory_stays_boun
         assert worker_alive(worker)  # unready, not dead: liveness never checks a dependency
         outage_end = time.monotonic() + 30
         while time.monotonic() < outage_end:
-            assert worker.proc.poll() is None, "the worker died while the database was down"
+            worker.assert_running("while the database was down")
             peak = max(peak, rss_kib(worker.proc.pid))
             time.sleep(1)
     finally:

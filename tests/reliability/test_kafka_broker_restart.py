@@ -26,7 +26,7 @@ def test_a_kafka_broker_restart_under_load_loses_nothing(settings, start_worker,
         try:
             outage_until = time.monotonic() + OUTAGE_S
             while time.monotonic() < outage_until:
-                assert run.worker.proc.poll() is None, "the worker died while Kafka was down"
+                run.worker.assert_running("while Kafka was down")
                 assert run.bridge.poll() is None, "the bridge died while Kafka was down"
                 time.sleep(0.5)
         finally:

@@ -64,7 +64,7 @@ def test_heartbeats_during_a_database_outage_reach_last_seen_after_it(settings, 
 
         assert wait_for(lambda: state_seen_ms() == sent_ms[devices[0]], timeout=30), (state_seen_ms(), sent_ms)
         assert wait_for(lambda: "last_seen_flush_failed" in worker.log_text(), timeout=30)
-        assert worker.proc.poll() is None
+        worker.assert_running("while the database was down")
     finally:
         stack_service("up", "postgres")
 

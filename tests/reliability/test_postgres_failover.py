@@ -45,7 +45,7 @@ def test_the_primary_killed_and_its_replica_promoted_loses_no_committed_message(
             killed = time.monotonic()
             asyncio.run(produce(own, second))  # load keeps arriving: Kafka holds it
             time.sleep(max(0.0, OUTAGE_S - (time.monotonic() - killed)))
-            assert worker.proc.poll() is None, "the worker died while the primary was gone"
+            worker.assert_running("while the primary was gone")
             pair.promote()
             promoted = time.monotonic()
             assert wait_for(lambda: asyncio.run(stored_messages(own, prefix))[1] == total, timeout=300), (
