@@ -2,8 +2,12 @@
 
 :meth:`IngestPipeline.handle` runs inside the agent's iteration of each event: it reads the tables in
 that event's partition and queues the event's rows and its table writes (a mark, the device's
-account — tagged with the event's partition) in a bounded batch. :meth:`IngestPipeline.flush`
-(when the batch is full, on a timer, on revocation and on stop) runs the steps in this order:
+account — tagged with the event's partition) in a bounded batch. A full batch is written behind the
+agent's back while the agent decides the next one (reads see the batch's table writes until they
+are written; one batch at most is written at a time, and the agent waits for it before handing over
+the next, so memory stays bounded and batches are acknowledged in order); :meth:`IngestPipeline.flush`
+(on a timer, on revocation and on stop) hands over what is queued and waits until all is written.
+Each batch's write runs the steps in this order:
 
 1. wait until every DLQ record of the batch is confirmed by Kafka (acks=all);
 2. write the batch's rows through the idempotent sink (retrying while the database is away —
@@ -48,6 +52,9 @@ _CONFIRM_PAUSE_S = 5.0  # after a lookup failed: waiting devices are asked of th
 _EXPIRE_PER_EVENT = 8  # marks deleted per event at most: expiry keeps pace without bursts
 
 
+_Writes = dict[bytes, tuple[int, bytes | None]]  # a table's taken writes (TableBatch.take)
+
+
 @dataclass
 class _Pending:
     event: EventT
@@ -90,7 +97,9 @@ class IngestPipeline:
         self._indexed = False
         self._pending: list[_Pending] = []
         self._pending_rows = 0
-        self._flush_lock = asyncio.Lock()
+        # The batch being written, while the next one is decided (the write of a batch waits for the
+        # write of the one before it, so batches are acknowledged in order).
+        self._writing: asyncio.Future[None] | None = None
         self._order = asyncio.Lock()  # one message decided at a time: the agent's and the timer's
         self._closed = False
         self._dlq_unreported: Counter[str] = Counter()
@@ -146,7 +155,7 @@ class IngestPipeline:
             else:
                 await self._decide(event, now_ms, self.device_status)
             if self._pending_rows >= self.batch_size or len(self._pending) >= 4 * self.batch_size:
-                await self.flush()
+                await self._write_behind()
 
     async def close(self) -> None:
         """At shutdown, before the final commit: decide no more messages, make the queued batch
@@ -255,7 +264,7 @@ class IngestPipeline:
                 status = DeviceStatus.UNKNOWN_DEVICE
             await self._settle(device_key, now_ms, status)
             if self._pending_rows >= self.batch_size:
-                await self.flush()
+                await self._write_behind()
 
     async def _confirm(self, keys: list[bytes]) -> dict[bytes, DeviceStatus]:
         """What PostgreSQL says of ``keys``; nothing while it does not answer (they wait on)."""
@@ -308,34 +317,52 @@ class IngestPipeline:
             self._dlq_reported_at = now
 
     async def flush(self) -> None:
-        """Make the queued batch durable, then acknowledge its events (see the module docstring)."""
-        async with self._flush_lock:
-            batch, self._pending, self._pending_rows = self._pending, [], 0
-            marks, accounts, latest = self.marks.take(), self.accounts.take(), self.latest.take()
-            if not batch and not marks:
-                return
-            for pending in batch:
-                if pending.dlq is not None:
-                    await pending.dlq
-            rows = [row for pending in batch for row in pending.rows]
-            started = time.perf_counter()
-            try:
-                stored = await self.sink.write(rows)
-            except SinkRejected as exc:
-                log.error("sink_rejected_batch", rows=len(rows), error=str(exc))
-                stored = await self._write_each(batch)
-            metrics.SINK_BATCH_SECONDS.observe(time.perf_counter() - started)
-            metrics.SINK_BATCH_ROWS.observe(len(rows))
-            metrics.ROWS_STORED.inc(stored)
-            await write_all((self.marks, marks), (self.accounts, accounts), (self.latest, latest))
-            now, observe, durable = time.time(), metrics.E2E_LATENCY.observe, self.durable_until
-            for pending in batch:
-                pending.event.ack()
-                message = pending.event.message
-                if message.timestamp > durable.get(message.partition, 0.0):
-                    durable[message.partition] = message.timestamp
-                if pending.rows:
-                    observe(now - pending.device_s)
+        """Make every message decided so far durable and acknowledged; return when it is."""
+        self._hand_off()
+        if self._writing is not None:
+            await asyncio.shield(self._writing)  # a cancelled caller must not cut a write short
+
+    async def _write_behind(self) -> None:
+        """A full batch: hand it to a write of its own and go on deciding the next one. At most one
+        batch is written while the next is decided: the caller waits here for the one before."""
+        if self._writing is not None:
+            await asyncio.shield(self._writing)  # raises what that write raised
+        self._hand_off()
+
+    def _hand_off(self) -> None:
+        """Take the queued batch and its table writes (reads still see them) and start writing them."""
+        batch, self._pending, self._pending_rows = self._pending, [], 0
+        marks, accounts, latest = self.marks.take(), self.accounts.take(), self.latest.take()
+        if batch or marks:
+            self._writing = asyncio.ensure_future(self._write(batch, marks, accounts, latest, after=self._writing))
+
+    async def _write(self, batch: list[_Pending], marks: _Writes, accounts: _Writes, latest: _Writes, *,
+                     after: asyncio.Future[None] | None) -> None:
+        """The module docstring's steps 1-4 for one batch, once the batch before it is written."""
+        if after is not None:
+            await after
+        for pending in batch:
+            if pending.dlq is not None:
+                await pending.dlq
+        rows = [row for pending in batch for row in pending.rows]
+        started = time.perf_counter()
+        try:
+            stored = await self.sink.write(rows)
+        except SinkRejected as exc:
+            log.error("sink_rejected_batch", rows=len(rows), error=str(exc))
+            stored = await self._write_each(batch)
+        metrics.SINK_BATCH_SECONDS.observe(time.perf_counter() - started)
+        metrics.SINK_BATCH_ROWS.observe(len(rows))
+        metrics.ROWS_STORED.inc(stored)
+        await write_all((self.marks, marks), (self.accounts, accounts), (self.latest, latest))
+        now, observe, durable = time.time(), metrics.E2E_LATENCY.observe, self.durable_until
+        for pending in batch:
+            pending.event.ack()
+            message = pending.event.message
+            if message.timestamp > durable.get(message.partition, 0.0):
+                durable[message.partition] = message.timestamp
+            if pending.rows:
+                observe(now - pending.device_s)
 
     async def _write_each(self, batch: list[_Pending]) -> int:
         """After a rejected batch: write message by message; what the database refuses goes to the DLQ."""

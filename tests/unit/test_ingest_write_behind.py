@@ -1,0 +1,158 @@
+"""A full batch is written behind the agent's back while the next is decided: one batch at most in
+the writing, batches acknowledged in order, nothing acknowledged before its rows and table writes
+are done, and flush() returns only when everything decided is."""
+from __future__ import annotations
+
+import asyncio
+import json
+from dataclasses import dataclass, field
+from types import SimpleNamespace
+
+from iotflow.dedup import DeviceAccount, LatestValues, Mark
+from iotflow.devices import DeviceStatus
+from iotflow.ingest import IngestPipeline
+from iotflow.parking import ParkingLot
+from iotflow.tables.batched import TableBatch
+from iotflow.telemetry import Limits
+
+
+class HeldSink:
+    """Writes wait until the test lets them through, one release per write."""
+
+    def __init__(self) -> None:
+        self.writes: list[list[tuple]] = []
+        self.release = asyncio.Semaphore(0)
+
+    async def write(self, rows):
+        self.writes.append(list(rows))
+        await self.release.acquire()
+        return len(rows)
+
+
+class Batches(TableBatch):
+    """The real TableBatch on a plain dict: its changelog writes are recorded, not produced."""
+
+    def __init__(self, name: str, log: list[str], codec) -> None:
+        table = SimpleNamespace(data=SimpleNamespace(data={}), apply_changelog_batch=self._apply)
+        super().__init__(None, table, codec)  # type: ignore[arg-type]
+        self.name, self.log = name, log
+
+    @property
+    def stored(self) -> dict[bytes, bytes]:
+        return self.table.data.data
+
+    async def _produce(self, batch):
+        self.log.append(f"{self.name}:{len(batch)}")
+        return list(batch.items())
+
+    def _apply(self, records) -> None:
+        for key, (_, value) in records:
+            if value is None:
+                self.stored.pop(key, None)
+            else:
+                self.stored[key] = value
+
+
+@dataclass
+class Event:
+    message: SimpleNamespace
+    value: bytes
+    acked: list[int] = field(default_factory=list)
+
+    def ack(self) -> None:
+        self.acked.append(self.message.offset)
+
+
+def telemetry(seq: int) -> bytes:
+    return json.dumps({"device_id": "d1", "msg_id": f"m{seq}", "seq": seq,
+                       "ts": "2026-11-30T12:00:00Z", "metrics": {"t": 1.0}}).encode()
+
+
+def rig(batch_size: int = 2):
+    log: list[str] = []
+    acked: list[int] = []
+    sink = HeldSink()
+    marks, accounts, latest = (Batches("marks", log, Mark), Batches("accounts", log, DeviceAccount),
+                               Batches("latest", log, LatestValues))
+    pipeline = IngestPipeline(sink=sink, dlq=None, marks=marks, accounts=accounts, latest=latest,  # type: ignore[arg-type]
+                              device_status=lambda _p, _k: DeviceStatus.REGISTERED,
+                              parked=ParkingLot(wait_s=30, max_messages=10), limits=Limits(),
+                              batch_size=batch_size, dedup_window_s=3600, clock=lambda: 1_796_040_000.0)
+    pipeline._indexed = True
+
+    def event(offset: int, value: bytes | None = None) -> Event:
+        message = SimpleNamespace(partition=0, offset=offset, key=b"d1", value=value, timestamp=float(offset), topic="s")
+        return Event(message, value or telemetry(offset), acked)
+
+    return pipeline, sink, (marks, accounts, latest), log, acked, event
+
+
+async def until(condition, timeout: float = 2.0) -> None:
+    async def wait() -> None:
+        while not condition():
+            await asyncio.sleep(0)
+    await asyncio.wait_for(wait(), timeout)
+
+
+def test_the_next_batch_is_decided_while_the_full_one_is_written_and_acks_come_in_order():
+    async def scenario() -> None:
+        pipeline, sink, (marks, accounts, _), log, acked, event = rig()
+        await asyncio.wait_for(pipeline.handle(event(0)), 1)
+        await asyncio.wait_for(pipeline.handle(event(1)), 1)  # full: handed to a write of its own
+        await until(lambda: len(sink.writes) == 1)
+        # The agent goes on while that write waits on the database.
+        await asyncio.wait_for(pipeline.handle(event(2)), 1)
+        assert acked == [] and log == []
+        # A replay of offset 1's message is a duplicate: the batch in the writing is read.
+        await asyncio.wait_for(pipeline.handle(event(3, telemetry(1))), 1)
+        # Offset 4 fills the second batch, which waits for the first to be written before it is handed over.
+        fills = asyncio.ensure_future(pipeline.handle(event(4)))
+        await asyncio.sleep(0.05)
+        assert not fills.done() and len(sink.writes) == 1
+        sink.release.release()  # the first batch's rows are stored...
+        await until(lambda: acked == [0, 1])  # ...then its table writes, then its acks
+        assert log[:3] == ["marks:2", "accounts:1", "latest:1"]
+        await asyncio.wait_for(fills, 1)
+        await until(lambda: len(sink.writes) == 2)
+        assert [row[5] for row in sink.writes[1]] == [2, 4]  # offset 3 was a duplicate: no row
+        assert acked == [0, 1]  # the second batch: not before its write
+        flushed = asyncio.ensure_future(pipeline.flush())
+        await asyncio.sleep(0.05)
+        assert not flushed.done()
+        sink.release.release()
+        await asyncio.wait_for(flushed, 1)
+        assert acked == [0, 1, 2, 3, 4]
+        assert DeviceAccount.decode(accounts.stored[b"d1"]).duplicates == 1
+        assert len(marks.stored) == 4  # m0, m1, m2, m4
+
+    asyncio.run(scenario())
+
+
+def test_a_write_that_fails_is_raised_to_the_agent_and_nothing_after_it_is_acknowledged():
+    async def scenario() -> None:
+        pipeline, sink, _, _, acked, event = rig()
+
+        async def broken(rows):
+            raise RuntimeError("disk on fire")
+        sink.write = broken
+        await pipeline.handle(event(0))
+        await pipeline.handle(event(1))
+        await pipeline.handle(event(2))
+        try:
+            await pipeline.handle(event(3))
+        except RuntimeError as exc:
+            assert str(exc) == "disk on fire"
+        else:
+            raise AssertionError("the failed write was not raised")
+        try:
+            await pipeline.flush()
+        except RuntimeError:
+            pass
+        assert acked == []
+
+    asyncio.run(scenario())
+
+
+def test_flush_with_nothing_decided_returns_at_once():
+    pipeline, *_ = rig()
+    asyncio.run(asyncio.wait_for(pipeline.flush(), 1))
