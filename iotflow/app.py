@@ -102,6 +102,7 @@ def create_app(settings: Settings) -> faust.App:
         # Co-partitioned with sensor-data: a device's entry is in its telemetry's partition.
         device_status=lambda partition, key: registry_status(stored(registry_table, partition, key)),
         parked=ParkingLot(wait_s=settings.unknown_device_wait_s, max_messages=settings.unknown_device_max_parked),
+        ack=lambda message: message.ack(app.consumer),
         confirm=registry.confirm,  # devices the table does not know yet, asked of PostgreSQL
         limits=Limits(
             max_clock_skew=timedelta(seconds=settings.max_clock_skew_s),

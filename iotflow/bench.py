@@ -3,8 +3,9 @@
 1. Preload N telemetry messages (50 devices, one metric each) into a fresh ``bench-…-sensor-data``.
 2. (a) raw baseline: a bare aiokafka consumer decoding JSON and writing through the same
    idempotent COPY into ``sensor_measurements`` — what a user would write by hand.
-3. (c) the floor: a Faust agent that only acknowledges each event (``iotflow.bench_floor``), with
-   iotflow's transport — what Faust's per-event path costs before any work.
+3. (c) the floors: a Faust worker that only acknowledges each record (``iotflow.bench_floor``), with
+   iotflow's transport — through an agent's stream (what Faust's per-event path costs before any
+   work), and handed over a fetch at a time as iotflow's ingest takes them.
 4. The baseline's rows are deleted, then (b) an iotflow worker consumes the same topic: validation,
    the registry check, dedup marks and accounts in RocksDB with changelogs, the same sink. Its
    peak RSS is sampled. The bench's devices are registered before the preload; the worker's
@@ -112,19 +113,22 @@ async def _sql(dsn: str, query: str, *args: object) -> list[asyncpg.Record]:
 
 
 @contextlib.contextmanager
-def bench_worker(bench: Settings, *, app: str = "iotflow", app_id: str | None = None) -> Iterator[WorkerProcess]:
+def bench_worker(bench: Settings, *, app: str = "iotflow", app_id: str | None = None,
+                 env: dict[str, str] | None = None) -> Iterator[WorkerProcess]:
     """A ready worker of ``bench``'s topics with a state folder of its own, killed on exit."""
     with tempfile.TemporaryDirectory(prefix="iotflow-bench-") as state:
         env = {"IOTFLOW_APP_ID": app_id or bench.app_id, "IOTFLOW_TOPIC_PREFIX": bench.topic_prefix,
-               "IOTFLOW_WEB_PORT": str(free_port()), "IOTFLOW_DATA_DIR": state}
+               "IOTFLOW_WEB_PORT": str(free_port()), "IOTFLOW_DATA_DIR": state, **(env or {})}
         with WorkerProcess(env, Path(state) / "worker.log", app=app) as worker:
             worker.wait_ready(timeout=120)
             yield worker
 
 
-def _floor_rate(bench: Settings, messages: int) -> float:
-    """(c) the floor: a no-op Faust agent on the same topic (a fresh consumer group reads it all)."""
-    with bench_worker(bench, app="iotflow.bench_floor", app_id=bench.app_id + "-floor") as floor:
+def _floor_rate(bench: Settings, messages: int, kind: str) -> float:
+    """(c) a floor: a no-op Faust worker on the same topic (a fresh consumer group reads it all),
+    its records through an agent's stream (``agent``) or handed over a fetch at a time (``batch``)."""
+    with bench_worker(bench, app="iotflow.bench_floor", app_id=f"{bench.app_id}-floor-{kind}",
+                      env={"BENCH_FLOOR": kind}) as floor:
         started = time.monotonic()
         while http_get_json(f"{floor.url}/bench/floor", timeout=10)[1]["seen"] < messages:
             time.sleep(0.2)
@@ -149,7 +153,8 @@ def run(settings: Settings, messages: int) -> dict[str, object]:
     asyncio.run(_preload(bench, device_prefix, messages))
 
     raw_rate = asyncio.run(_baseline(bench, messages))
-    floor_rate = _floor_rate(bench, messages)
+    floor_rate = _floor_rate(bench, messages, "agent")
+    batch_floor_rate = _floor_rate(bench, messages, "batch")
     asyncio.run(_sql(bench.tsdb_dsn, "DELETE FROM sensor_measurements WHERE device_id LIKE $1", device_prefix + "%"))
 
     with bench_worker(bench) as worker:
@@ -180,9 +185,11 @@ def run(settings: Settings, messages: int) -> dict[str, object]:
         "messages": messages,
         "raw_baseline_msgs_per_s": round(raw_rate),
         "faust_floor_msgs_per_s": round(floor_rate),
+        "batch_floor_msgs_per_s": round(batch_floor_rate),
         "iotflow_msgs_per_s": round(iotflow_rate),
         "ratio": round(iotflow_rate / raw_rate, 3),
         "floor_ratio": round(floor_rate / raw_rate, 3),
+        "batch_floor_ratio": round(batch_floor_rate / raw_rate, 3),
         "worker_peak_rss_mib": round(peak / 1024, 1),
         "latency_rate_msgs_per_s": round(latency_rate),
         "latency_p50_s": round(float(p["p50"] or 0), 3),

@@ -1,11 +1,11 @@
-"""The ingest pipeline behind the ingest agent: validate → DLQ, dedup, account, batch → sink → ack.
+"""The ingest pipeline: validate → DLQ, dedup, account, batch → sink → ack.
 
-:meth:`IngestPipeline.handle` runs inside the agent's iteration of each event: it reads the tables in
-that event's partition and queues the event's rows and its table writes (a mark, the device's
-account — tagged with the event's partition) in a bounded batch. A full batch is written behind the
-agent's back while the agent decides the next one (reads see the batch's table writes until they
-are written; one batch at most is written at a time, and the agent waits for it before handing over
-the next, so memory stays bounded and batches are acknowledged in order); :meth:`IngestPipeline.flush`
+:meth:`IngestPipeline.handle` is given each sensor-data message in turn, as the fetcher hands over a
+fetch (iotflow/agents/ingest.py): it reads the tables in that message's partition and queues its
+rows and its table writes (a mark, the device's account — tagged with the message's partition) in a
+bounded batch. A full batch is written in the background while the next one is decided (reads
+see the batch's table writes until they are written; one batch at most is written at a time, and
+deciding waits for it before handing over the next, so memory stays bounded and batches are acknowledged in order); :meth:`IngestPipeline.flush`
 (on a timer, on revocation and on stop) hands over what is queued and waits until all is written.
 Each batch's write runs the steps in this order:
 
@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 
 import faust
 import structlog
-from faust.types import EventT
+from faust.types import Message
 
 from iotflow import metrics
 from iotflow.dedup import (
@@ -49,7 +49,7 @@ log = structlog.get_logger(__name__)
 _DLQ_REPORT_EVERY_S = 10.0
 _CONFIRM_TIMEOUT_S = 1.0  # a registry lookup for waiting devices: the agent waits this long at most
 _CONFIRM_PAUSE_S = 5.0  # after a lookup failed: waiting devices are asked of the table only, meanwhile
-_EXPIRE_PER_EVENT = 8  # marks deleted per event at most: expiry keeps pace without bursts
+_EXPIRE_PER_MESSAGE = 8  # marks deleted per message at most: expiry keeps pace without bursts
 
 
 _Writes = dict[bytes, tuple[int, bytes | None]]  # a table's taken writes (TableBatch.take)
@@ -57,7 +57,7 @@ _Writes = dict[bytes, tuple[int, bytes | None]]  # a table's taken writes (Table
 
 @dataclass
 class _Pending:
-    event: EventT
+    message: Message
     rows: list[Row] = field(default_factory=list)
     dlq: Awaitable[object] | None = None
     device_s: float = 0.0  # the device's ts, for the end-to-end latency
@@ -73,7 +73,8 @@ class IngestPipeline:
         accounts: TableBatch[DeviceAccount],
         latest: TableBatch[LatestValues],
         device_status: Callable[[int, bytes], DeviceStatus],
-        parked: ParkingLot[EventT],
+        parked: ParkingLot[Message],
+        ack: Callable[[Message], object],
         confirm: Callable[[list[bytes]], Awaitable[dict[bytes, DeviceStatus]]] | None = None,
         limits: Limits,
         batch_size: int,
@@ -89,6 +90,7 @@ class IngestPipeline:
         self.confirm = confirm
         self._confirm_resumes_at = float("-inf")
         self._parked = parked
+        self.ack = ack  # a message's rows are durable: Faust may commit its offset
         self.limits = limits
         self.batch_size = batch_size
         self.window_ms = int(dedup_window_s * 1000)
@@ -111,7 +113,7 @@ class IngestPipeline:
         metrics.PARKED.set_function(lambda: len(self._parked))
 
     def on_partitions_assigned(self, assigned_partitions: set[int]) -> None:
-        """Rebuild the expiry index at the next event: restored marks must expire too."""
+        """Rebuild the expiry index at the next message: restored marks must expire too."""
         self._expiry.drop_partitions_except(assigned_partitions)
         self._indexed = False
 
@@ -123,16 +125,15 @@ class IngestPipeline:
         log.info("dedup_expiry_indexed", marks=len(self._expiry))
 
     def _expire(self, partition: int, now_ms: int) -> None:
-        for key in self._expiry.expired(partition, now_ms, _EXPIRE_PER_EVENT):
+        for key in self._expiry.expired(partition, now_ms, _EXPIRE_PER_MESSAGE):
             self.marks.delete(partition, key)
             metrics.DEDUP_EXPIRED.inc()
 
-    async def handle(self, event: EventT) -> None:
+    async def handle(self, message: Message) -> None:
         """Decide what one message is, queue its rows and table writes; flush when the batch is full."""
         async with self._order:
             if self._closed:
                 return  # stopping: left unacknowledged, so the partition's next owner reads it
-            message = event.message
             partition = message.partition
             now_ms = int(self.clock() * 1000)
             if not self._indexed:
@@ -151,9 +152,9 @@ class IngestPipeline:
             if self._parked.holds(device_key):
                 # Behind its device's waiting messages, invalid ones too: a device's messages are
                 # counted in offset order (its account is replay-safe by offset).
-                self._park(device_key, event, now_ms)
+                self._park(device_key, message, now_ms)
             else:
-                await self._decide(event, now_ms, self.device_status)
+                await self._decide(message, now_ms, self.device_status)
             if self._pending_rows >= self.batch_size or len(self._pending) >= 4 * self.batch_size:
                 await self._write_behind()
 
@@ -172,17 +173,16 @@ class IngestPipeline:
         await self.flush()
         self._report_dlq(time.monotonic())
 
-    async def _decide(self, event: EventT, now_ms: int, status_of: Callable[[int, bytes], DeviceStatus]) -> None:
-        message = event.message
+    async def _decide(self, message: Message, now_ms: int, status_of: Callable[[int, bytes], DeviceStatus]) -> None:
         partition = message.partition
         device_key: bytes = message.key or b""
         account = self.accounts.get(partition, device_key) or DeviceAccount()
         counted = account.already_counted(message.offset)
-        pending = _Pending(event)
+        pending = _Pending(message)
         try:
-            telemetry = parse(event.value, self.limits)
+            telemetry = parse(message.value, self.limits)
         except InvalidPayload as exc:
-            pending.dlq = await self._send_to_dlq(event, "invalid", exc.field, str(exc))
+            pending.dlq = await self._send_to_dlq(message, "invalid", exc.field, str(exc))
             outcome: Verdict | str = INVALID
         else:
             if telemetry.device_id.encode() != device_key:
@@ -190,10 +190,10 @@ class IngestPipeline:
                 # device publish under its own topic only): a payload naming another is a spoof.
                 reason = (f"the payload names device {telemetry.device_id!r}, the message came from "
                           f"{device_key.decode(errors='replace')!r}")
-                pending.dlq = await self._send_to_dlq(event, "identity_mismatch", "device_id", reason)
+                pending.dlq = await self._send_to_dlq(message, "identity_mismatch", "device_id", reason)
                 outcome = REJECTED
             else:
-                outcome = await self._decide_valid(event, telemetry, pending, now_ms, status_of)
+                outcome = await self._decide_valid(message, telemetry, pending, now_ms, status_of)
                 if outcome is None:
                     return
         if not counted:
@@ -203,20 +203,19 @@ class IngestPipeline:
         self._pending.append(pending)
         self._pending_rows += len(pending.rows)
 
-    async def _decide_valid(self, event: EventT, telemetry: Telemetry, pending: _Pending, now_ms: int,
+    async def _decide_valid(self, message: Message, telemetry: Telemetry, pending: _Pending, now_ms: int,
                             status_of: Callable[[int, bytes], DeviceStatus]) -> Verdict | str | None:
         """The verdict on a valid message from its own device; None when it was parked."""
-        message = event.message
         partition, device_key = message.partition, message.key or b""
         status = status_of(partition, device_key)
         if status is DeviceStatus.UNKNOWN:
-            self._park(device_key, event, now_ms)
+            self._park(device_key, message, now_ms)
             return None
         if status is not DeviceStatus.REGISTERED:
             reason = (f"device {telemetry.device_id!r} was deleted" if status is DeviceStatus.DELETED else
                       f"device {telemetry.device_id!r} is not registered "
                       f"(waited {self._parked.wait_ms / 1000:g} s for its registration)")
-            pending.dlq = await self._send_to_dlq(event, status.value, "device_id", reason)
+            pending.dlq = await self._send_to_dlq(message, status.value, "device_id", reason)
             return REJECTED
         key = dedup_key(telemetry.device_id, telemetry.msg_id)
         outcome = verdict(self.marks.get(partition, key), partition, message.offset)
@@ -232,22 +231,24 @@ class IngestPipeline:
             self.latest.set(partition, device_key, values)
         return outcome
 
-    def _park(self, device_key: bytes, event: EventT, now_ms: int) -> None:
-        self._parked.park(device_key, event.message.partition, event, now_ms)
+    def _park(self, device_key: bytes, message: Message, now_ms: int) -> None:
+        self._parked.park(device_key, message.partition, message, now_ms)
         metrics.MESSAGES_BY_OUTCOME["parked"].inc()
 
     async def _release_due(self, now_ms: int) -> None:
         """Ask the registry again about waiting devices whose backoff has passed; settle the
         registered, the deleted and those out of time (every table read names its partition, so
-        this may run while an event of any partition is handled).
+        this may run while a message of any partition is handled).
 
         The registry table is asked first; devices it does not know yet are asked of PostgreSQL
         (``confirm``, one query for them all). The table learns a registration from the
         device-events stream, which the same fetcher delivers: when waiting telemetry fills the
-        parking lot, the agent stops, the sensor-data buffer fills, and the fetcher, blocked on
-        it, delivers no device-events either — a fleet registering while it sends would wait out
-        its time and go to the DLQ (seen: 9,012 of 120,000 messages of 5,000 new devices)."""
+        parking lot, deciding stops, and the fetcher, which waits for it, delivers no
+        device-events either — a fleet registering while it sends would wait out its time and go
+        to the DLQ (seen: 9,012 of 120,000 messages of 5,000 new devices)."""
         parked = self._parked
+        if not parked.any_due(now_ms):
+            return
         due = [key for key in parked.due(now_ms) if parked.holds(key)]  # else its partition was revoked
         statuses = {key: self.device_status(parked.partition_of(key), key) for key in due}
         unknown = [key for key, status in statuses.items() if status is DeviceStatus.UNKNOWN]
@@ -279,8 +280,8 @@ class IngestPipeline:
             return {}
 
     async def _settle(self, device_key: bytes, now_ms: int, status: DeviceStatus) -> None:
-        for event in self._parked.release(device_key):
-            await self._decide(event, now_ms, lambda _partition, _key: status)
+        for message in self._parked.release(device_key):
+            await self._decide(message, now_ms, lambda _partition, _key: status)
 
     def forget_partitions(self, revoked: set[int]) -> None:
         """Waiting messages of revoked partitions were never acknowledged: the next owner reads
@@ -289,8 +290,7 @@ class IngestPipeline:
         if dropped:
             log.info("unknown_device_messages_left_to_next_owner", messages=dropped)
 
-    async def _send_to_dlq(self, event: EventT, kind: str, field_name: str, reason: str) -> Awaitable[object]:
-        message = event.message
+    async def _send_to_dlq(self, message: Message, kind: str, field_name: str, reason: str) -> Awaitable[object]:
         headers = [
             ("iotflow-error", kind.encode()),
             ("iotflow-field", field_name.encode()),
@@ -357,8 +357,8 @@ class IngestPipeline:
         await write_all((self.marks, marks), (self.accounts, accounts), (self.latest, latest))
         now, observe, durable = time.time(), metrics.E2E_LATENCY.observe, self.durable_until
         for pending in batch:
-            pending.event.ack()
-            message = pending.event.message
+            self.ack(pending.message)
+            message = pending.message
             if message.timestamp > durable.get(message.partition, 0.0):
                 durable[message.partition] = message.timestamp
             if pending.rows:
@@ -373,7 +373,7 @@ class IngestPipeline:
             try:
                 stored += await self.sink.write(pending.rows)
             except SinkRejected as exc:
-                await (await self._send_to_dlq(pending.event, "rejected", "rows", str(exc)))
+                await (await self._send_to_dlq(pending.message, "rejected", "rows", str(exc)))
         return stored
 
 

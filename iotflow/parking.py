@@ -64,6 +64,11 @@ class ParkingLot(Generic[T]):
         waiting.items.append(item)
         self._count += 1
 
+    def any_due(self, now_ms: int) -> bool:
+        """Whether a device may be due now (the earliest planned check has come): cheap enough for
+        every message, where :meth:`due` is not."""
+        return bool(self._schedule) and self._schedule[0][0] <= now_ms
+
     def due(self, now_ms: int) -> list[bytes]:
         """Devices to ask the registry about again now (each must be retried later or released)."""
         devices = []

@@ -155,6 +155,13 @@ class WorkerProcess:
             time.sleep(0.2)
         raise TimeoutError(f"worker not ready within {timeout}s:\n{self.log_text()[-4000:]}")
 
+    def wait_recovered(self, timeout: float = 300.0) -> None:
+        """Wait until ``/health/ready`` answers 200: partitions assigned and every table restored
+        from its changelog (``wait_ready`` only waits for the process to serve; a worker restoring
+        a long changelog — all of it under exactly_once — reads its tables empty meanwhile)."""
+        ready = wait_for(lambda: http_get_json(f"{self.url}/health/ready", timeout=5)[0] == 200, timeout=timeout)
+        assert ready, f"worker not ready (tables recovered) within {timeout}s:\n{self.log_text()[-3000:]}"
+
     def assert_running(self, during: str) -> None:
         """Fail, with the end of the worker's log (where its crash is), if it has exited."""
         assert self.proc is not None, "worker not started"

@@ -1,8 +1,15 @@
-"""The ingest agent: every sensor-data message through validation, dedup and the sink.
+"""Ingest: every sensor-data message through validation, dedup and the sink.
 
-Events are not acknowledged by the stream (``noack``): the pipeline acknowledges them after their
-rows are durable. Concurrency stays 1: with more, Faust can commit past an unfinished message
-(faust issue #606).
+sensor-data is not read through a Faust agent's stream: the fetcher hands each fetch of its records
+to :func:`decide_fetched` in one call (:func:`iotflow.transport.consume_in_batches`), past Faust's
+per-record conductor, ``Event`` and stream iteration (docs/performance.md), and it gives them to
+:meth:`IngestPipeline.handle` one at a time. The topic is
+still subscribed through Faust's conductor, so its partitions are assigned with the tables that are
+co-partitioned with it, and every record is tracked and acknowledged through Faust's consumer: the
+pipeline acknowledges a message after its rows are durable, and Faust commits what is acknowledged.
+Records of a fetch are decided in order, one at a time; a rebalance that starts meanwhile (flow
+suspended, or a new consumer generation) ends the fetch's hand-off there — the rest was neither
+decided nor tracked, and the new assignment's seek to the committed offsets reads it again.
 """
 from __future__ import annotations
 
@@ -10,7 +17,9 @@ import asyncio
 
 import asyncpg
 import faust
+import mode
 import structlog
+from faust.types import Message
 
 from iotflow import metrics
 from iotflow.agents.timers import survives
@@ -20,6 +29,7 @@ from iotflow.sinks.timescale import MeasurementSink
 from iotflow.settings import Settings
 from iotflow import topics
 from iotflow.errors import SinkUnavailable
+from iotflow.transport import consume_in_batches
 from iotflow.worker import draining
 
 log = structlog.get_logger(__name__)
@@ -27,18 +37,40 @@ log = structlog.get_logger(__name__)
 _STOP_FLUSH_TIMEOUT_S = 10.0
 
 
+async def decide_fetched(app: faust.App, pipeline: IngestPipeline, messages: list[Message]) -> int:
+    """Track and decide ``messages`` (one fetch of sensor-data) in order; stop at the first one
+    fetched before the current assignment, or once a rebalance has suspended the flow — the rest is
+    neither tracked nor decided, and the new assignment's seek reads it again. Returns how many
+    were decided."""
+    consumer, flow = app.consumer, app.flow_control
+    for done, message in enumerate(messages):
+        if message.generation_id != app.consumer_generation_id or not flow.is_active():
+            return done
+        consumer.track_message(message)
+        await pipeline.handle(message)
+    return len(messages)
+
+
 def register(app: faust.App, settings: Settings, pipeline: IngestPipeline, sink: MeasurementSink,
              archiver: Archiver | None) -> None:
-    @app.agent(topics.sensor_data(app, settings), name="iotflow.ingest", concurrency=1)
-    async def ingest(stream: faust.StreamT) -> None:
+    async def take(messages: list[Message]) -> None:
+        await decide_fetched(app, pipeline, messages)
+
+    consume_in_batches(app, topics.sensor_data(app, settings), take)
+
+    @app.task
+    async def open_sink() -> None:
         await sink.start()
-        try:
-            async for event in stream.noack().events():
-                await pipeline.handle(event)
-        finally:
-            # Make what is queued durable and acknowledged before the final offset commit.
+
+    @app.service
+    class CloseIngest(mode.Service):
+        async def on_stop(self) -> None:
+            # Make what is queued durable and acknowledged, as far as the producer and the database
+            # still allow (a SIGTERM's drain did it already, before Faust stopped anything).
             try:
                 await asyncio.wait_for(asyncio.shield(pipeline.flush()), _STOP_FLUSH_TIMEOUT_S)
+            except Exception as exc:  # noqa: BLE001 - stopping anyway: what is unacknowledged is replayed
+                log.warning("ingest_final_flush_failed", error=f"{exc.__class__.__name__}: {exc}")
             finally:
                 await sink.stop()
 

@@ -60,6 +60,9 @@ def crash_run(settings, start_worker, run_id: str, chaos, *, devices: int, per_d
           duplicated=rows // 2 - messages, recovery_s=round(recovery_s, 1))
     assert (rows, messages) == (2 * len(originals), len(originals))
 
+    # Every row may be in before the last worker has restored its tables (a worker before it
+    # stored the rest): the accounts are read once it has.
+    final.wait_recovered()
     # The accounts are exact after the crashes: each flush writes them before it acknowledges
     # its events, with the offset they counted up to, so a replay is never counted twice.
     totals = wait_for(lambda: _stable(final), timeout=120)

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-from dataclasses import dataclass, field
 from types import SimpleNamespace
 
 from iotflow.dedup import DeviceAccount, LatestValues, Mark
@@ -53,16 +52,6 @@ class Batches(TableBatch):
                 self.stored[key] = value
 
 
-@dataclass
-class Event:
-    message: SimpleNamespace
-    value: bytes
-    acked: list[int] = field(default_factory=list)
-
-    def ack(self) -> None:
-        self.acked.append(self.message.offset)
-
-
 def telemetry(seq: int) -> bytes:
     return json.dumps({"device_id": "d1", "msg_id": f"m{seq}", "seq": seq,
                        "ts": "2026-11-30T12:00:00Z", "metrics": {"t": 1.0}}).encode()
@@ -76,15 +65,16 @@ def rig(batch_size: int = 2):
                                Batches("latest", log, LatestValues))
     pipeline = IngestPipeline(sink=sink, dlq=None, marks=marks, accounts=accounts, latest=latest,  # type: ignore[arg-type]
                               device_status=lambda _p, _k: DeviceStatus.REGISTERED,
-                              parked=ParkingLot(wait_s=30, max_messages=10), limits=Limits(),
+                              parked=ParkingLot(wait_s=30, max_messages=10),
+                              ack=lambda message: acked.append(message.offset), limits=Limits(),
                               batch_size=batch_size, dedup_window_s=3600, clock=lambda: 1_796_040_000.0)
     pipeline._indexed = True
 
-    def event(offset: int, value: bytes | None = None) -> Event:
-        message = SimpleNamespace(partition=0, offset=offset, key=b"d1", value=value, timestamp=float(offset), topic="s")
-        return Event(message, value or telemetry(offset), acked)
+    def message(offset: int, value: bytes | None = None) -> SimpleNamespace:
+        return SimpleNamespace(partition=0, offset=offset, key=b"d1", value=value or telemetry(offset),
+                               timestamp=float(offset), topic="s")
 
-    return pipeline, sink, (marks, accounts, latest), log, acked, event
+    return pipeline, sink, (marks, accounts, latest), log, acked, message
 
 
 async def until(condition, timeout: float = 2.0) -> None:
@@ -96,17 +86,17 @@ async def until(condition, timeout: float = 2.0) -> None:
 
 def test_the_next_batch_is_decided_while_the_full_one_is_written_and_acks_come_in_order():
     async def scenario() -> None:
-        pipeline, sink, (marks, accounts, _), log, acked, event = rig()
-        await asyncio.wait_for(pipeline.handle(event(0)), 1)
-        await asyncio.wait_for(pipeline.handle(event(1)), 1)  # full: handed to a write of its own
+        pipeline, sink, (marks, accounts, _), log, acked, message = rig()
+        await asyncio.wait_for(pipeline.handle(message(0)), 1)
+        await asyncio.wait_for(pipeline.handle(message(1)), 1)  # full: handed to a write of its own
         await until(lambda: len(sink.writes) == 1)
         # The agent goes on while that write waits on the database.
-        await asyncio.wait_for(pipeline.handle(event(2)), 1)
+        await asyncio.wait_for(pipeline.handle(message(2)), 1)
         assert acked == [] and log == []
         # A replay of offset 1's message is a duplicate: the batch in the writing is read.
-        await asyncio.wait_for(pipeline.handle(event(3, telemetry(1))), 1)
+        await asyncio.wait_for(pipeline.handle(message(3, telemetry(1))), 1)
         # Offset 4 fills the second batch, which waits for the first to be written before it is handed over.
-        fills = asyncio.ensure_future(pipeline.handle(event(4)))
+        fills = asyncio.ensure_future(pipeline.handle(message(4)))
         await asyncio.sleep(0.05)
         assert not fills.done() and len(sink.writes) == 1
         sink.release.release()  # the first batch's rows are stored...
@@ -130,16 +120,16 @@ def test_the_next_batch_is_decided_while_the_full_one_is_written_and_acks_come_i
 
 def test_a_write_that_fails_is_raised_to_the_agent_and_nothing_after_it_is_acknowledged():
     async def scenario() -> None:
-        pipeline, sink, _, _, acked, event = rig()
+        pipeline, sink, _, _, acked, message = rig()
 
         async def broken(rows):
             raise RuntimeError("disk on fire")
         sink.write = broken
-        await pipeline.handle(event(0))
-        await pipeline.handle(event(1))
-        await pipeline.handle(event(2))
+        await pipeline.handle(message(0))
+        await pipeline.handle(message(1))
+        await pipeline.handle(message(2))
         try:
-            await pipeline.handle(event(3))
+            await pipeline.handle(message(3))
         except RuntimeError as exc:
             assert str(exc) == "disk on fire"
         else:

@@ -83,3 +83,13 @@ def test_the_registry_table_value_says_registered_deleted_or_unknown():
     assert registry_status(live) is DeviceStatus.REGISTERED
     assert registry_status(gone) is DeviceStatus.DELETED
     assert registry_status(None) is DeviceStatus.UNKNOWN
+
+
+def test_any_due_answers_whether_due_would_find_a_device_without_popping_anything():
+    parked = lot(wait_s=2.0)
+    assert not parked.any_due(10**9)  # nobody waits
+    parked.park(b"d", 0, "m", now_ms=0)
+    first = parked.next_due_ms()
+    assert first is not None
+    assert not parked.any_due(first - 1) and parked.due(first - 1) == []
+    assert parked.any_due(first) and parked.due(first) == [b"d"]

@@ -1,0 +1,62 @@
+"""The fetcher's hand-off of sensor-data records to the pipeline (iotflow.agents.ingest.decide_fetched):
+records of a fetch are tracked and decided in order; a rebalance since the fetch ends the hand-off."""
+from __future__ import annotations
+
+import asyncio
+from types import SimpleNamespace
+
+from iotflow.agents.ingest import decide_fetched
+
+
+class Rig:
+    def __init__(self) -> None:
+        self.tracked: list[int] = []
+        self.decided: list[int] = []
+        self.active = True
+        self.app = SimpleNamespace(consumer_generation_id=7,
+                                   consumer=SimpleNamespace(track_message=lambda m: self.tracked.append(m.offset)),
+                                   flow_control=SimpleNamespace(is_active=lambda: self.active))
+        self.pipeline = SimpleNamespace(handle=self.handle)
+        self.on_decide = None
+
+    async def handle(self, message) -> None:
+        self.decided.append(message.offset)
+        if self.on_decide:
+            self.on_decide(message)
+
+
+def fetched(*offsets: int, generation: int = 7):
+    return [SimpleNamespace(offset=offset, generation_id=generation) for offset in offsets]
+
+
+def test_every_record_of_a_fetch_is_tracked_then_decided_in_order():
+    rig = Rig()
+    assert asyncio.run(decide_fetched(rig.app, rig.pipeline, fetched(3, 4, 5))) == 3
+    assert rig.tracked == rig.decided == [3, 4, 5]
+
+
+def test_records_fetched_before_a_rebalance_are_left_to_the_new_assignment():
+    rig = Rig()
+    assert asyncio.run(decide_fetched(rig.app, rig.pipeline, fetched(3, 4, generation=6))) == 0
+    assert rig.tracked == rig.decided == []
+
+
+def test_a_rebalance_that_starts_during_the_hand_off_ends_it_there():
+    rig = Rig()
+
+    def revoke_after_4(message) -> None:
+        if message.offset == 4:
+            rig.active = False  # Faust suspends the flow when partitions are revoked
+    rig.on_decide = revoke_after_4
+    assert asyncio.run(decide_fetched(rig.app, rig.pipeline, fetched(3, 4, 5, 6))) == 2
+    assert rig.tracked == rig.decided == [3, 4]  # 5 and 6: neither tracked nor decided
+
+
+def test_a_new_generation_during_the_hand_off_ends_it_too():
+    rig = Rig()
+
+    def reassigned(message) -> None:
+        rig.app.consumer_generation_id = 8
+    rig.on_decide = reassigned
+    assert asyncio.run(decide_fetched(rig.app, rig.pipeline, fetched(3, 4))) == 1
+    assert rig.decided == [3]
