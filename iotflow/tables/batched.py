@@ -6,9 +6,11 @@ ingest agent, two of those per message were most of its time (docs/performance.m
 :class:`TableBatch` keeps a batch's writes in memory (so reads within the batch see them) and
 :meth:`TableBatch.write` makes them durable in the order recovery would:
 
-1. every key's latest value goes to the table's changelog topic through the app's producer (the
-   transactional one under ``exactly_once``), to the partition the caller named — the partition
-   of the source message, as Faust's own table writes do;
+1. every key's latest value goes to the table's changelog topic, to the partition the caller
+   named — the partition of the source message, as Faust's own table writes do: as one record
+   batch per partition through the app's aiokafka producer, or record by record through Faust's
+   transaction manager under ``exactly_once`` (it picks the transactional producer whose
+   transaction commits with the source partition's offsets);
 2. once Kafka has acknowledged them, they are applied to the local store with
    ``Collection.apply_changelog_batch`` — the very call a standby or a restoring worker makes
    for the same records — which also records the changelog offset as persisted.
@@ -23,31 +25,38 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import time
-from dataclasses import dataclass
-from typing import Generic, Protocol, TypeVar
+from typing import Generic, NamedTuple, Protocol, TypeVar
 
 import faust
 import structlog
+from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError
 from faust.stores.base import SerializedStore
-from faust.types import Message
 from faust.types.tuples import TP
 
 from iotflow.backoff import full_jitter
 
 log = structlog.get_logger(__name__)
 
-_RECORD_TIMESTAMP_TYPE = 0  # CreateTime, what the producer stamps
-
 V = TypeVar("V")
 
+_Write = tuple[int, bytes | None]  # (partition, encoded value or None for a delete)
 
-@dataclass(frozen=True)
-class _ChangelogEvent:
-    """What ``Store.apply_changelog_batch`` reads of an event: its message."""
 
-    message: Message
+class _Applied(NamedTuple):
+    """A changelog record Kafka acknowledged, as ``apply_changelog_batch`` reads it — of an event
+    and of its message alike (RocksDB's store reads ``event.message.tp/offset/key/value``, the
+    memory store ``event.key/value`` and ``event.message.value/partition``)."""
+
+    key: bytes
+    value: bytes | None
+    partition: int
+    offset: int
+    tp: TP
+
+    @property
+    def message(self) -> _Applied:
+        return self
 
 
 class Codec(Protocol[V]):
@@ -63,7 +72,7 @@ class TableBatch(Generic[V]):
         self.table = table
         self.codec = codec
         self._pending: dict[bytes, tuple[int, V | None]] = {}
-        self._in_flight: dict[bytes, tuple[int, bytes | None]] = {}
+        self._in_flight: dict[bytes, _Write] = {}
 
     def get(self, partition: int, key: bytes) -> V | None:
         """The value as the batches so far leave it, read from the table's ``partition``.
@@ -88,7 +97,7 @@ class TableBatch(Generic[V]):
     def delete(self, partition: int, key: bytes) -> None:
         self._pending[key] = (partition, None)
 
-    def take(self) -> dict[bytes, tuple[int, bytes | None]]:
+    def take(self) -> dict[bytes, _Write]:
         """Encode the pending writes as one batch; reads still see them until :meth:`write` is done."""
         encode = self.codec.encode
         batch = {key: (partition, None if value is None else encode(value))
@@ -97,7 +106,7 @@ class TableBatch(Generic[V]):
         self._in_flight.update(batch)
         return batch
 
-    async def write(self, batch: dict[bytes, tuple[int, bytes | None]]) -> None:
+    async def write(self, batch: dict[bytes, _Write]) -> None:
         """Changelog first, local store second (see the module docstring).
 
         Raises what the producer raises; the batch then stays visible to :meth:`get` so that the
@@ -109,18 +118,45 @@ class TableBatch(Generic[V]):
             if self._in_flight.get(key) is write:
                 del self._in_flight[key]
 
-    async def _produce(self, batch: dict[bytes, tuple[int, bytes | None]]) -> list[_ChangelogEvent]:
+    async def _produce(self, batch: dict[bytes, _Write]) -> list[_Applied]:
         producer = await self.app.maybe_start_producer()
         topic = self.table.changelog_topic.get_topic_name()
+        if not self.app.in_transaction:
+            return await _send_batches(producer._ensure_producer(), topic, batch)
+        # Faust's TransactionManager picks each record's transactional producer (the one whose
+        # transaction commits with the source partition's offsets): record by record.
         futures = [await producer.send(topic, key, value, partition, None, None)
                    for key, (partition, value) in batch.items()]
-        results = await asyncio.gather(*futures)
-        now = time.time()
-        return [
-            _ChangelogEvent(Message(topic, meta.topic_partition.partition, meta.offset, now, _RECORD_TIMESTAMP_TYPE,
-                                    None, key, value, None, tp=TP(topic, meta.topic_partition.partition)))
-            for (key, (_, value)), meta in zip(batch.items(), results)
-        ]
+        return [_Applied(key, value, meta.topic_partition.partition, meta.offset, TP(topic, meta.topic_partition.partition))
+                for (key, (_, value)), meta in zip(batch.items(), await asyncio.gather(*futures))]
+
+
+async def _send_batches(producer: AIOKafkaProducer, topic: str, batch: dict[bytes, _Write]) -> list[_Applied]:
+    """Produce ``batch`` as one record batch per partition (more where one would pass the producer's
+    batch size): aiokafka's ``send`` per record looks the topic's metadata up, makes a future and
+    appends to its accumulator each time — a fifth of the ingest worker's time when every message
+    wrote a changelog record (docs/performance.md). A record's offset is its batch's base offset
+    plus its place in the batch."""
+    by_partition: dict[int, list[tuple[bytes, bytes | None]]] = {}
+    for key, (partition, value) in batch.items():
+        by_partition.setdefault(partition, []).append((key, value))
+    sent: list[tuple[asyncio.Future, int, list[tuple[bytes, bytes | None]]]] = []
+    for partition, records in by_partition.items():
+        builder, held = producer.create_batch(), []
+        for key, value in records:
+            if builder.append(key=key, value=value, timestamp=None) is None:
+                if held:  # full: send it, start the next
+                    sent.append((await producer.send_batch(builder, topic, partition=partition), partition, held))
+                    builder, held = producer.create_batch(), []
+                if not held and builder.append(key=key, value=value, timestamp=None) is None:
+                    raise ValueError(f"a record of {topic} is larger than the producer's batch size")
+            held.append((key, value))
+        sent.append((await producer.send_batch(builder, topic, partition=partition), partition, held))
+    applied: list[_Applied] = []
+    for future, partition, held in sent:
+        base, tp = (await future).offset, TP(topic, partition)
+        applied.extend(_Applied(key, value, partition, base + place, tp) for place, (key, value) in enumerate(held))
+    return applied
 
 
 def stored(table: faust.Table, partition: int, key: bytes) -> bytes | None:
@@ -156,7 +192,7 @@ def open_active_partitions(table: faust.Table) -> None:
             store._db_for_partition(tp.partition)
 
 
-async def write_all(*writes: tuple[TableBatch, dict[bytes, tuple[int, bytes | None]]]) -> None:
+async def write_all(*writes: tuple[TableBatch, dict[bytes, _Write]]) -> None:
     """Write each table's batch (concurrently), retrying with jittered backoff while Kafka refuses:
     the caller acknowledges its events only after this returns."""
     for attempt in itertools.count():
