@@ -87,6 +87,7 @@ from iotflow.kafka_admin import wait_visible
 log = structlog.get_logger(__name__)
 
 _YIELD_EVERY = 100  # records between chances for other tasks (health checks, timers)
+REWINDS_PER_OFFSET = 3  # seeks back to one missing offset before it is taken for a truncated log
 _BATCH_MAX = 2000  # records of batch-consumed topics handed over at once at most
 
 BatchHandler = Callable[[list[Message]], Awaitable[None]]
@@ -109,7 +110,6 @@ def consume_in_batches(app: Any, topic: TopicT, handler: BatchHandler) -> None:
     app.topics.add(topic)
     for name in topic.topics:
         batch_handlers_of(app)[name] = handler
-REWINDS_PER_OFFSET = 3  # seeks back to one missing offset before it is taken for a truncated log
 
 
 def head_blocked(acked_head: int, expected: int | None, gaps: IntervalTree) -> bool:
@@ -337,6 +337,9 @@ class Consumer(faust_aiokafka.Consumer):
                     if handler is not None:
                         if suspended.is_set():
                             continue  # a rebalance is under way: not read (its seek reads it again)
+                        if batch and handler is not batch_handler:
+                            await cast(BatchHandler, batch_handler)(batch)  # another topic's handler
+                            batch = []
                         batch.append(message)
                         batch_handler = handler
                         read_offsets[tp] = offset
