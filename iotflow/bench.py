@@ -37,7 +37,8 @@ from iotflow.migrate import migrator
 from iotflow.registry import provision
 from iotflow.settings import Settings
 from iotflow.sinks.timescale import MeasurementSink
-from iotflow.testing import WorkerProcess, free_port, http_get_json, rss_kib
+from iotflow.stack.base import free_loopback_port
+from iotflow.testing import WorkerProcess, http_get_json, rss_kib
 
 DEVICES = 50
 
@@ -118,7 +119,7 @@ def bench_worker(bench: Settings, *, app: str = "iotflow", app_id: str | None = 
     """A ready worker of ``bench``'s topics with a state folder of its own, killed on exit."""
     with tempfile.TemporaryDirectory(prefix="iotflow-bench-") as state:
         env = {"IOTFLOW_APP_ID": app_id or bench.app_id, "IOTFLOW_TOPIC_PREFIX": bench.topic_prefix,
-               "IOTFLOW_WEB_PORT": str(free_port()), "IOTFLOW_DATA_DIR": state, **(env or {})}
+               "IOTFLOW_WEB_PORT": str(free_loopback_port()), "IOTFLOW_DATA_DIR": state, **(env or {})}
         with WorkerProcess(env, Path(state) / "worker.log", app=app) as worker:
             worker.wait_ready(timeout=120)
             yield worker

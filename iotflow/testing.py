@@ -12,7 +12,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -41,13 +40,6 @@ def stack_service(action: str, service: str, timeout: float = 300) -> None:
     done = subprocess.run([str(Path(sys.executable).with_name("iotflow")), "stack", action, service],
                           capture_output=True, text=True, timeout=timeout)
     assert done.returncode == 0, done.stderr
-
-
-def free_port() -> int:
-    """A TCP port on loopback that nothing listens on right now."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def wait_for(condition: Callable[[], Any], timeout: float, interval: float = 0.5) -> Any:

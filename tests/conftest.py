@@ -16,7 +16,8 @@ from iotflow.kafka_admin import delete_topics_with_prefix, ensure_topics
 from iotflow.migrate import migrator
 from iotflow.settings import Settings
 from iotflow.stack import services
-from iotflow.testing import WorkerProcess, dlq_messages, free_port
+from iotflow.stack.base import free_loopback_port
+from iotflow.testing import WorkerProcess, dlq_messages
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -102,7 +103,7 @@ def start_worker(settings: Settings, tmp_path: Path) -> Iterator[Callable[..., W
     started: list[WorkerProcess] = []
 
     def start(*, fresh_state: bool = False, **overrides: str) -> WorkerProcess:
-        port = overrides.pop("IOTFLOW_WEB_PORT", None) or str(free_port())
+        port = overrides.pop("IOTFLOW_WEB_PORT", None) or str(free_loopback_port())
         state = tmp_path / (f"worker-{port}-{uuid.uuid4().hex[:6]}" if fresh_state else f"worker-{port}")
         env = {
             "IOTFLOW_APP_ID": settings.app_id,
@@ -134,7 +135,7 @@ def start_module_worker(stack: Settings, tmp_path_factory: pytest.TempPathFactor
         asyncio.run(ensure_topics(own))
         state = tmp_path_factory.mktemp(name)
         env = {"IOTFLOW_APP_ID": own.app_id, "IOTFLOW_TOPIC_PREFIX": own.topic_prefix,
-               "IOTFLOW_WEB_PORT": str(free_port()), "IOTFLOW_DATA_DIR": str(state), **UNLIMITED_WRITES}
+               "IOTFLOW_WEB_PORT": str(free_loopback_port()), "IOTFLOW_DATA_DIR": str(state), **UNLIMITED_WRITES}
         worker = WorkerProcess(env, state / "worker.log").start()
         started.append(worker)
         worker.wait_ready()

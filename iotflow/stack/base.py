@@ -1,7 +1,9 @@
 """What every local-stack service shares: paths, process control and waiting for health."""
 from __future__ import annotations
 
+import collections
 import os
+import random
 import shutil
 import signal
 import socket
@@ -65,11 +67,53 @@ class LocalNode:
     home: Path
 
 
-def free_loopback_port() -> int:
-    """A port free on 127.0.0.1 now (for the throwaway groups of the failover tests)."""
+def free_loopback_port(span: int = 1) -> int:
+    """A port on 127.0.0.1 with ``span`` consecutive ports free from it, for throwaway servers and tests.
+
+    Chosen below the kernel's ephemeral range: a port from ``bind(0)`` comes from that range, the one
+    outgoing connections take their local ports from, so a busy run (Kafka clients, database pools) can
+    take it between our choice and the server's bind. Below the range only another server would.
+    """
+    low, high = _BELOW_EPHEMERAL
+    for _ in range(200):
+        port = random.randrange(low, high - span + 1)
+        ports = range(port, port + span)
+        # Nothing is bound yet to a port handed out a moment ago: don't hand it out twice.
+        if not any(p in _handed_out for p in ports) and all(_bindable(p) for p in ports):
+            _handed_out.extend(ports)
+            return port
+    raise StackError(f"no {span} free consecutive port(s) on 127.0.0.1 in {low}-{high}")
+
+
+def _ephemeral_floor() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
+# Above the local stack's fixed ports (11883 … 19093), below where the kernel picks ephemeral ports.
+_BELOW_EPHEMERAL = (20000, max(_ephemeral_floor(), 21000))
+_handed_out: collections.deque[int] = collections.deque(maxlen=256)
+
+
+def _bindable(port: int) -> bool:
     with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def log_tail(path: Path, chars: int = 3000) -> str:
+    """The end of a service's log for an error message (a missing log says so)."""
+    try:
+        with open(path, "rb") as log:
+            log.seek(max(0, log.seek(0, os.SEEK_END) - chars))
+            return log.read().decode(errors="replace")
+    except OSError as exc:
+        return f"(no log at {path}: {exc.strerror})"
 
 
 def port_taken(port: int) -> bool:

@@ -6,10 +6,12 @@ version is pinned) into ``<stack>/kafka/dist-<version>/libs`` and reused by ever
 from __future__ import annotations
 
 import asyncio
+import base64
 import logging
 import re
 import shutil
 import subprocess
+import uuid
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
@@ -19,6 +21,7 @@ from iotflow.stack.base import (
     Service,
     ServiceStatus,
     StackPaths,
+    log_tail,
     loopback_port,
     read_pid,
     refuse_taken_ports,
@@ -39,6 +42,16 @@ def kafka_version(pom: Path = POM) -> str:
     if node is None or not (node.text or "").strip():
         raise StackError(f"{pom} has no <kafka.version> property")
     return node.text.strip()
+
+
+def new_cluster_id() -> str:
+    """A fresh KRaft cluster id: 16 random bytes in URL-safe base64, as Kafka's own ``random-uuid``.
+
+    Like Kafka's, never one that starts with ``-``: the storage tool would read ``-t -abc…`` as an option.
+    """
+    while (cluster_id := base64.urlsafe_b64encode(uuid.uuid4().bytes).rstrip(b"=").decode()).startswith("-"):
+        pass
+    return cluster_id
 
 
 def server_properties(*, node_id: int, port: int, controller_port: int, data_dir: Path,
@@ -128,12 +141,9 @@ class Kafka(Service):
     def _format_storage(self, java: str) -> None:
         if (self.data / "meta.properties").exists():
             return
-        classpath = f"{self.libs}/*"
-        cluster_id = run([java, "-cp", classpath, "kafka.tools.StorageTool", "random-uuid"],
-                         timeout=60, what="kafka-storage random-uuid").strip()
         run(
-            [java, "-cp", classpath, *self._log_opts(), "kafka.tools.StorageTool", "format",
-             "-t", cluster_id, "-c", str(self.config), "--standalone"],
+            [java, "-cp", f"{self.libs}/*", *self._log_opts(), "kafka.tools.StorageTool", "format",
+             "-t", new_cluster_id(), "-c", str(self.config), "--standalone"],
             timeout=120,
             what="formatting Kafka's KRaft storage",
         )
@@ -175,7 +185,8 @@ class Kafka(Service):
     def _wait_healthy(self) -> None:
         def ours_and_answering() -> bool:
             if read_pid(self.pid_file) is None:
-                raise StackError(f"Kafka exited while starting; see {self.log_dir}/server.log")
+                raise StackError(f"Kafka exited while starting; the end of {self.log_dir}/server.log:\n"
+                                 f"{log_tail(self.log_dir / 'server.log')}")
             return self._answers()
 
         wait_until(

@@ -8,17 +8,22 @@ SIGKILLs one (a crashed host), :meth:`KafkaCluster.stop` stops them all and dele
 from __future__ import annotations
 
 import asyncio
-import base64
 import os
 import shutil
 import signal
 import subprocess
-import uuid
 from pathlib import Path
 
 from iotflow.errors import StackError
-from iotflow.stack.base import LocalNode, free_loopback_port, read_pid, run, stop_pid, wait_until
-from iotflow.stack.kafka import LOG4J2, Kafka, brokers_answering, raise_open_files_limit, server_properties
+from iotflow.stack.base import LocalNode, free_loopback_port, log_tail, read_pid, run, stop_pid, wait_until
+from iotflow.stack.kafka import (
+    LOG4J2,
+    Kafka,
+    brokers_answering,
+    new_cluster_id,
+    raise_open_files_limit,
+    server_properties,
+)
 
 
 class _Broker(LocalNode):
@@ -45,8 +50,10 @@ class KafkaCluster:
     def __init__(self, root: Path, runtime: Kafka, *, nodes: int = 3) -> None:
         self.root = root.absolute()
         self.runtime = runtime  # the local stack's broker: its Java and its resolved jars
-        self.brokers = [_Broker(f"kafka-{i}", free_loopback_port(), self.root / f"kafka-{i}", i, free_loopback_port())
-                        for i in range(1, nodes + 1)]
+        self.brokers = []
+        for i in range(1, nodes + 1):
+            port = free_loopback_port(span=2)  # the broker's port and its controller's
+            self.brokers.append(_Broker(f"kafka-{i}", port, self.root / f"kafka-{i}", i, port + 1))
 
     @property
     def bootstrap(self) -> str:
@@ -56,7 +63,7 @@ class KafkaCluster:
         java = self.runtime.java()
         self.runtime.ensure_jars()
         voters = {b.node_id: b.controller_port for b in self.brokers}
-        cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).rstrip(b"=").decode()
+        cluster_id = new_cluster_id()
         classpath = f"{self.runtime.libs}/*"
         for broker in self.brokers:
             (broker.home / "data").mkdir(parents=True, exist_ok=True)
@@ -87,7 +94,8 @@ class KafkaCluster:
     def _brokers_seen(self) -> int:
         for broker in self.brokers:
             if read_pid(broker.pid_file) is None:
-                raise StackError(f"{broker.name} exited while starting; see {broker.home / 'logs'}/server.log")
+                raise StackError(f"{broker.name} exited while starting; the end of {broker.home / 'logs'}/server.log:\n"
+                                 f"{log_tail(broker.home / 'logs' / 'server.log')}")
         return asyncio.run(brokers_answering(self.bootstrap, timeout=5.0))
 
     def kill(self, index: int) -> None:

@@ -27,7 +27,8 @@ from iotflow.archive import MANIFEST, Archive, Archiver, ArchiveError, day_folde
 from iotflow.migrate import migrator
 from iotflow.objectstore import ObjectStore
 from iotflow.settings import Settings
-from iotflow.testing import free_port, http_json, wait_for
+from iotflow.stack.base import free_loopback_port
+from iotflow.testing import http_json, wait_for
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -256,7 +257,7 @@ def test_a_killed_export_leaves_no_manifest_and_the_next_run_redoes_it(archive_d
 @pytest.fixture
 def s3(tmp_path: Path) -> Iterator[str]:
     """An S3 API server (moto) on loopback; yields its endpoint URL."""
-    port = free_port()
+    port = free_loopback_port()
     with open(tmp_path / "moto.log", "wb") as log:
         server = subprocess.Popen([str(Path(sys.executable).with_name("moto_server")), "-H", "127.0.0.1",
                                    "-p", str(port)], stdout=log, stderr=subprocess.STDOUT)

@@ -6,7 +6,7 @@ import uuid
 
 from iotflow.breaker import CircuitBreaker
 from iotflow.cache import DeviceCache, client_for
-from iotflow.testing import free_port
+from iotflow.stack.base import free_loopback_port
 
 
 def _record(device_id: str, version: int) -> dict:
@@ -38,7 +38,7 @@ def test_a_fill_older_than_a_change_is_refused(stack):
 
 def test_a_redis_that_does_not_answer_is_a_miss_and_then_skipped(stack):
     breaker = CircuitBreaker("redis-test", failure_threshold=3, reset_after_s=60)
-    dead = DeviceCache(client_for(f"redis://127.0.0.1:{free_port()}/0", timeout_s=0.2), timeout_s=0.2,
+    dead = DeviceCache(client_for(f"redis://127.0.0.1:{free_loopback_port()}/0", timeout_s=0.2), timeout_s=0.2,
                        ttl_s=60, breaker=breaker)
 
     async def scenario() -> list:

@@ -17,7 +17,7 @@ import pytest
 from iotflow.mqtt_auth import Account
 from iotflow.simulator import Fleet, FleetConfig
 from iotflow.testing import (WorkerProcess, device_credentials, dlq_messages, forget_device_accounts,
-                             forget_mqtt_session, free_port,
+                             forget_mqtt_session, free_loopback_port,
                              http_get_json, mqtt_client, register, stored_messages, telemetry, wait_for)
 
 
@@ -25,7 +25,7 @@ def start_bridge(settings, tmp_path: Path, client_id: str, metrics_port: int | N
                  **extra: str) -> subprocess.Popen[bytes]:
     env = {**os.environ, **extra, "IOTFLOW_TOPIC_PREFIX": settings.topic_prefix, "IOTFLOW_BRIDGE_CLIENT_ID": client_id,
            "IOTFLOW_BRIDGE_GROUP": f"g{settings.topic_prefix}", "IOTFLOW_BRIDGE_DEVICE_RATE_PER_S": "1000",
-           "IOTFLOW_BRIDGE_DEVICE_BURST": "1000", "IOTFLOW_BRIDGE_METRICS_PORT": str(metrics_port or free_port())}
+           "IOTFLOW_BRIDGE_DEVICE_BURST": "1000", "IOTFLOW_BRIDGE_METRICS_PORT": str(metrics_port or free_loopback_port())}
     with open(tmp_path / f"bridge-{client_id}.log", "ab") as log:
         return subprocess.Popen([str(Path(sys.executable).with_name("iotflow")), "bridge"], env=env,
                                 stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
@@ -87,7 +87,7 @@ def test_fifty_devices_with_duplicates_and_malformed_store_exactly_the_unique_va
 ):
     worker = start_worker()
     worker.wait_ready()
-    metrics_port = free_port()
+    metrics_port = free_loopback_port()
     bridge = start_bridge(settings, tmp_path, f"bridge-{run_id}", metrics_port)
     try:
         wait_for_log(tmp_path / f"bridge-bridge-{run_id}.log", "mqtt_connected")

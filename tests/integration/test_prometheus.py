@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from iotflow.testing import free_port, http_get_json, produce_telemetry, register, wait_for
+from iotflow.stack.base import free_loopback_port
+from iotflow.testing import http_get_json, produce_telemetry, register, wait_for
 from tests.unit.test_dashboards import dashboard_expressions
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -38,7 +39,7 @@ def test_prometheus_scrapes_a_worker_and_evaluates_every_rule(settings, start_wo
     for group in config.get("rule_files", []):
         assert Path(group).is_file(), group
     (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(config))
-    port = free_port()
+    port = free_loopback_port()
     base = f"http://127.0.0.1:{port}"
     log = (tmp_path / "prometheus.log").open("w")
     prometheus = subprocess.Popen(

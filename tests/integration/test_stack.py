@@ -16,7 +16,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
 from iotflow.settings import Settings
-from iotflow.testing import free_port
+from iotflow.stack.base import free_loopback_port
 
 IOTFLOW = Path(sys.executable).with_name("iotflow")
 
@@ -49,10 +49,8 @@ def test_up_when_everything_runs_changes_nothing(stack: Settings):
 def second_stack(stack: Settings) -> Iterator[dict[str, str]]:
     """A PostgreSQL + Kafka pair of its own (own folder, own ports), torn down afterwards."""
     root = stack.stack_dir.resolve() / f"test-{uuid.uuid4().hex[:8]}"
-    kafka_port = free_port()
-    while not _free(kafka_port + 1):
-        kafka_port = free_port()
-    pg_port = free_port()
+    kafka_port = free_loopback_port(span=2)  # the broker's port and its controller's, port + 1
+    pg_port = free_loopback_port()
     dsn = f"postgresql://keeper:keeper@127.0.0.1:{pg_port}/keeper"
     env = {
         "IOTFLOW_STACK_DIR": str(root),
@@ -68,13 +66,6 @@ def second_stack(stack: Settings) -> Iterator[dict[str, str]]:
     yield env
     iotflow("stack", "down", "kafka", "postgres", env=env)
     shutil.rmtree(root, ignore_errors=True)
-
-
-def _free(port: int) -> bool:
-    import socket
-
-    with socket.socket() as sock:
-        return sock.connect_ex(("127.0.0.1", port)) != 0
 
 
 async def _write(bootstrap: str, dsn: str) -> None:

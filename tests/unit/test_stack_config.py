@@ -1,6 +1,8 @@
 from __future__ import annotations
 
 import re
+import socket
+import uuid
 from pathlib import Path
 
 import pytest
@@ -8,10 +10,10 @@ import pytest
 from iotflow.errors import StackError
 from iotflow.settings import Settings
 from iotflow.stack import services
-from iotflow.stack.base import loopback_port
-from iotflow.stack.kafka import kafka_version, server_properties
+from iotflow.stack import base
+from iotflow.stack.base import StackPaths, free_loopback_port, log_tail, loopback_port
+from iotflow.stack.kafka import kafka_version, new_cluster_id, server_properties
 from iotflow.stack.mosquitto import Mosquitto
-from iotflow.stack.base import StackPaths
 
 
 def test_the_kafka_version_is_pinned_once_in_the_pom():
@@ -93,3 +95,37 @@ def test_cached_kafka_jars_are_not_resolved_again(tmp_path: Path, monkeypatch):
     kafka.ensure_jars()
     assert not (kafka.home / "build").exists()
 
+
+
+def test_a_cluster_id_never_starts_with_a_dash_the_storage_tool_would_read_as_an_option(monkeypatch):
+    drawn = iter([uuid.UUID(bytes=b"\xf8" + bytes(15)), uuid.UUID(bytes=b"\x10" * 16)])
+    monkeypatch.setattr(uuid, "uuid4", lambda: next(drawn))
+    cluster_id = new_cluster_id()
+    assert cluster_id == "EBAQEBAQEBAQEBAQEBAQEA"  # the second draw: the first encodes as "-AAA…"
+
+
+def test_free_ports_come_from_below_the_ephemeral_range_free_and_never_twice():
+    low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    ports = [free_loopback_port(span=2) for _ in range(50)]
+    assert all(20000 <= port and port + 1 < low for port in ports)
+    handed_out = [p for port in ports for p in (port, port + 1)]
+    assert len(set(handed_out)) == len(handed_out)
+    for port in handed_out[:10]:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", port))
+
+
+def test_a_port_something_is_bound_to_is_not_handed_out(monkeypatch):
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        taken = held.getsockname()[1]
+        monkeypatch.setattr(base, "_BELOW_EPHEMERAL", (taken, taken + 2))
+        assert free_loopback_port() == taken + 1
+
+
+def test_a_log_tail_is_the_end_of_the_log_or_says_there_is_none(tmp_path: Path):
+    log = tmp_path / "server.log"
+    log.write_text("x" * 5000 + "ERROR Address already in use\n")
+    assert log_tail(log, chars=40).endswith("ERROR Address already in use\n")
+    assert len(log_tail(log, chars=40)) == 40
+    assert "no log at" in log_tail(tmp_path / "missing.log")
