@@ -16,9 +16,10 @@ import pytest
 
 from iotflow.mqtt_auth import Account
 from iotflow.simulator import Fleet, FleetConfig
+from iotflow.stack.base import free_loopback_port
 from iotflow.testing import (WorkerProcess, device_credentials, dlq_messages, forget_device_accounts,
-                             forget_mqtt_session, free_loopback_port,
-                             http_get_json, mqtt_client, register, stored_messages, telemetry, wait_for)
+                             forget_mqtt_session, http_get_json, mqtt_client, register, stored_messages, telemetry,
+                             wait_for)
 
 
 def start_bridge(settings, tmp_path: Path, client_id: str, metrics_port: int | None = None,
