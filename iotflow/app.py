@@ -75,6 +75,7 @@ def create_app(settings: Settings) -> faust.App:
         # give. Unacknowledged events are replayed by the next owner, harmlessly (invariant 2-3).
         stream_wait_empty=False,
         processing_guarantee=settings.processing_guarantee,
+        table_standby_replicas=settings.table_standby_replicas,
         # Faust's worker with a drain on SIGTERM (iotflow/worker.py).
         Worker=type("Worker", (DrainingWorker,), {"drain_s": settings.shutdown_drain_s}),
     )

@@ -142,12 +142,19 @@ def _received(worker: WorkerProcess) -> int:
     return int(body["received"]) if status == 200 else 0
 
 
-def run(settings: Settings, messages: int) -> dict[str, object]:
+def fresh_run(settings: Settings, name: str, **overrides: object) -> tuple[Settings, str]:
+    """Settings of a new bench run — topics and app id of its own, created and migrated — and its id."""
     run_id = uuid.uuid4().hex[:6]
-    bench = dataclasses.replace(settings, topic_prefix=f"bench-{run_id}-", app_id=f"iotflow-bench-{run_id}")
-    device_prefix = f"bench{run_id}-"
+    bench = dataclasses.replace(settings, topic_prefix=f"{name}-{run_id}-", app_id=f"iotflow-{name}-{run_id}",
+                                **overrides)
     asyncio.run(ensure_topics(bench))
     asyncio.run(migrator(bench).up())
+    return bench, run_id
+
+
+def run(settings: Settings, messages: int) -> dict[str, object]:
+    bench, run_id = fresh_run(settings, "bench")
+    device_prefix = f"bench{run_id}-"
     latency_prefix = f"lat{run_id}-"
     asyncio.run(provision(bench, [f"{prefix}{i}" for prefix in (device_prefix, latency_prefix) for i in range(DEVICES)],
                           device_type="bench"))

@@ -516,6 +516,18 @@ def rollout_watch(rollout_id: str, interval: float, once: bool) -> None:
         sys.exit(1)
 
 
+@main.command("bench-recovery")
+@click.option("--keys", type=click.IntRange(min=1000), default=1_000_000, show_default=True,
+              help="messages preloaded, each with its own msg_id: the dedup table's keys")
+def bench_recovery(keys: int) -> None:
+    """Time a worker getting its tables back: restart after kill -9, a new host, a take-over with and without standbys."""
+    import json
+
+    from iotflow.bench_recovery import run
+
+    click.echo(json.dumps(run(_settings(), keys), indent=2))
+
+
 @main.command("bench-api")
 @click.option("--devices", type=click.IntRange(min=1), default=200, show_default=True, help="devices registered and read")
 @click.option("--concurrency", type=click.IntRange(min=1), default=16, show_default=True, help="concurrent clients")

@@ -64,6 +64,9 @@ PROCESSING_LAG = Gauge(
 TABLE_RECOVERY_ACTIVE = Gauge("iotflow_table_recovery_in_progress", "1 while this worker restores tables from changelogs.")
 TABLE_RECOVERY_REMAINING = Gauge(
     "iotflow_table_recovery_remaining_records", "Changelog records left to restore before this worker's tables are active.")
+TABLE_STANDBY_REMAINING = Gauge(
+    "iotflow_table_standby_remaining_records",
+    "Changelog records this worker's standby replicas have yet to read, up to the changelogs' ends at its last rebalance.")
 POOL_CONNECTIONS = Gauge(
     "iotflow_pg_pool_connections", "PostgreSQL pool connections by pool and state (in_use, idle, max).", ["pool", "state"])
 HTTP_REQUESTS = Counter(

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 import faust
 import structlog
@@ -35,6 +36,7 @@ def register(app: faust.App, settings: Settings, pipeline: IngestPipeline, pools
 
     metrics.TABLE_RECOVERY_ACTIVE.set_function(lambda: bool(app.in_recovery))
     metrics.TABLE_RECOVERY_REMAINING.set_function(lambda: _recovery_remaining(app))
+    metrics.TABLE_STANDBY_REMAINING.set_function(lambda: standby_remaining(getattr(app.tables, "recovery", None)))
     metrics.FETCH_HELD.set_function(lambda: len(_fetch_held(app, sources)))
 
     @app.timer(SAMPLE_EVERY_S, name="iotflow.metrics.sample")
@@ -106,6 +108,17 @@ def sample_lag(app: faust.App, sources: set[str], sensor_data: str, durable_unti
 def _recovery_remaining(app: faust.App) -> int:
     recovery = getattr(app.tables, "recovery", None)
     return int(recovery.active_remaining_total()) if recovery is not None and app.in_recovery else 0
+
+
+def standby_remaining(recovery: Any) -> int:
+    """Records the standby partitions' changelogs held, at the last rebalance, past what this worker
+    has read of them. Faust's own ``standby_remaining_total`` leaves out a partition of which nothing
+    was read yet (offset -1): exactly the standbys of a worker that starts on an empty folder."""
+    if recovery is None:
+        return 0
+    offsets = recovery.standby_offsets
+    return sum(max(0, highwater - offsets.get(tp, -1))
+               for tp, highwater in recovery.standby_highwaters.items() if highwater >= 0)
 
 
 @web.middleware

@@ -35,6 +35,13 @@ def _positive_int(name: str, raw: str) -> int:
     return value
 
 
+def _count(name: str, raw: str) -> int:
+    value = int(raw) if raw.strip().isdigit() else -1
+    if value < 0 or str(value) != raw.strip():
+        raise SettingsError(name, raw, "a whole number (0 or more)")
+    return value
+
+
 def _port(name: str, raw: str) -> int:
     try:
         value = int(raw)
@@ -262,6 +269,7 @@ class Settings:
         "at_least_once", _choice("at_least_once", "exactly_once"), "Faust processing guarantee"
     )
     store: str = _setting("rocksdb", _choice(*_STORES), "table store: rocksdb (durable) or memory (tests)")
+    table_standby_replicas: int = _setting(1, _count, "standby copies of each table partition kept by other workers, so a worker taking a partition over has its table already (0: it reads the changelog first)")
     data_dir: Path | None = _setting(
         None, _path, "worker state folder (RocksDB); default .iotflow/worker-<web port>"
     )

@@ -225,7 +225,7 @@ class Consumer(faust_aiokafka.Consumer):
         await super().subscribe(names)
 
     async def perform_seek(self) -> None:
-        self._seeking = True  # the fetcher delivers nothing until reading starts again from here
+        self._seeking = True  # the fetcher delivers no source record until reading starts again from here
         try:
             self._first_delivered = {}  # a new assignment: reading starts again from the committed offsets
             await super().perform_seek()
@@ -313,8 +313,12 @@ class Consumer(faust_aiokafka.Consumer):
                 if self.should_stop:
                     continue
                 async for tp, message in records:
-                    if self._seeking:
-                        continue  # fetched before the seek: read again from where it sets reading
+                    if self._seeking and acking(tp.topic):
+                        # Fetched before the seek: read again from where it sets reading. Only
+                        # source partitions: the seek to committed offsets leaves the tables'
+                        # changelogs (never committed) where they are, so a standby record skipped
+                        # here would never be read — standbys stalled after each rebalance.
+                        continue
                     since_yield += 1
                     if since_yield >= _YIELD_EVERY:
                         since_yield = 0

@@ -40,10 +40,11 @@ def register(app: faust.App) -> None:
 
 def register_readiness(app: faust.App, postgres: LazyPool, cache: DeviceCache) -> None:
     async def kafka() -> str:
-        if app.rebalancing:
-            raise RuntimeError("rebalancing")
+        # Faust counts a rebalance as going on until the tables are restored: the more telling reason first.
         if app.in_recovery:
             raise RuntimeError("restoring tables from their changelogs")
+        if app.rebalancing:
+            raise RuntimeError("rebalancing")
         unroutable = []
         for table in app.tables.values():
             try:  # table views route each key to its owner: that needs the owners and the metadata

@@ -75,6 +75,8 @@ def test_worker_dir_defaults_to_one_folder_per_web_port():
         ("IOTFLOW_LOG_LEVEL", "loud", "one of debug, info"),
         ("IOTFLOW_APP_ID", "  ", "a non-empty string"),
         ("IOTFLOW_PROCESSING_GUARANTEE", "maybe", "one of at_least_once, exactly_once"),
+        ("IOTFLOW_TABLE_STANDBY_REPLICAS", "-1", "a whole number (0 or more)"),
+        ("IOTFLOW_TABLE_STANDBY_REPLICAS", "one", "a whole number (0 or more)"),
     ],
 )
 def test_a_bad_value_names_the_variable_the_value_and_what_was_expected(variable, value, expected):
@@ -90,6 +92,11 @@ def test_a_bad_value_names_the_variable_the_value_and_what_was_expected(variable
 def test_an_unknown_iotflow_variable_is_refused_so_typos_do_not_go_unnoticed():
     with pytest.raises(SettingsError, match="IOTFLOW_WEB_PROT"):
         Settings.from_env({"IOTFLOW_WEB_PROT": "7000"})
+
+
+def test_standby_replicas_may_be_turned_off():
+    assert Settings.from_env({"IOTFLOW_TABLE_STANDBY_REPLICAS": "0"}).table_standby_replicas == 0
+    assert Settings().table_standby_replicas == 1  # Faust's default: a worker taking over has the table
 
 
 def test_variables_without_the_prefix_are_ignored():
