@@ -22,10 +22,13 @@ import asyncio
 import contextlib
 import dataclasses
 import json
+import os
+import subprocess
 import tempfile
 import time
 import uuid
 from collections.abc import Iterator
+from typing import Any, cast
 from pathlib import Path
 
 import asyncpg
@@ -37,10 +40,12 @@ from iotflow.migrate import migrator
 from iotflow.registry import provision
 from iotflow.settings import Settings
 from iotflow.sinks.timescale import MeasurementSink
-from iotflow.stack.base import free_loopback_port
+from iotflow.stack import services as stack_services
+from iotflow.stack.base import free_loopback_port, read_pid
 from iotflow.testing import WorkerProcess, http_get_json, rss_kib
 
 DEVICES = 50
+SCALING_DEVICES = 1000
 
 
 def _payload(device_id: str, seq: int, ts_ms: int) -> bytes:
@@ -48,7 +53,8 @@ def _payload(device_id: str, seq: int, ts_ms: int) -> bytes:
                        "metrics": {"temp": 20.5}}).encode()
 
 
-async def _preload(settings: Settings, prefix: str, count: int, *, rate: float | None = None) -> None:
+async def _preload(settings: Settings, prefix: str, count: int, *, rate: float | None = None,
+                   devices: int = DEVICES) -> None:
     producer = AIOKafkaProducer(bootstrap_servers=settings.kafka_bootstrap, acks="all", linger_ms=20,
                                 max_batch_size=1024 * 1024)
     await producer.start()
@@ -57,8 +63,8 @@ async def _preload(settings: Settings, prefix: str, count: int, *, rate: float |
     try:
         pending = []
         for i in range(count):
-            device = f"{prefix}{i % DEVICES}"
-            pending.append(await producer.send(topic, _payload(device, i // DEVICES, int(time.time() * 1000)),
+            device = f"{prefix}{i % devices}"
+            pending.append(await producer.send(topic, _payload(device, i // devices, int(time.time() * 1000)),
                                                key=device.encode()))
             if rate is not None:
                 delay = started + (i + 1) / rate - time.monotonic()
@@ -203,3 +209,105 @@ def run(settings: Settings, messages: int) -> dict[str, object]:
         "latency_p50_s": round(float(p["p50"] or 0), 3),
         "latency_p99_s": round(float(p["p99"] or 0), 3),
     }
+
+
+def _drain_rate(bench: Settings, messages: int, workers: int, env: dict[str, str]) -> tuple[float, float, float]:
+    """Start ``workers`` workers of a fresh consumer group at once on the preloaded topic; messages/s
+    from the first one ready until their accounts together have received every message, and the
+    CPU seconds the workers and the stack's Kafka and PostgreSQL used meanwhile."""
+    group = dataclasses.replace(bench, app_id=f"{bench.app_id}-x{workers}")
+    services = _service_pids(bench)
+    with contextlib.ExitStack() as stack:
+        started = [stack.enter_context(_started_worker(group, env)) for _ in range(workers)]
+        pids = {cast(subprocess.Popen, w.proc).pid for w in started}
+        begun = None
+        while True:
+            for worker in started:
+                worker.assert_running("while the group took the preload")
+            if begun is None and any(_answers(w) for w in started):
+                begun, services_before = time.monotonic(), _cpu_s(services)
+                workers_before = _cpu_s(pids)
+            if begun is not None and sum(_received(w) for w in started if _answers(w)) >= messages:
+                elapsed = time.monotonic() - begun
+                return messages / elapsed, _cpu_s(pids) - workers_before, _cpu_s(services) - services_before
+            time.sleep(0.5)
+
+
+_TICKS_PER_S = os.sysconf("SC_CLK_TCK")
+
+
+def _cpu_s(roots: set[int]) -> float:
+    """CPU seconds (user + system) used so far by ``roots`` and every running process under them
+    (PostgreSQL's backends are the postmaster's children)."""
+    parents: dict[int, int] = {}
+    used: dict[int, float] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            fields = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # gone meanwhile
+        parents[int(entry)] = int(fields[1])
+        used[int(entry)] = (int(fields[11]) + int(fields[12])) / _TICKS_PER_S
+
+    def under_a_root(pid: int) -> bool:
+        while pid > 1:
+            if pid in roots:
+                return True
+            pid = parents.get(pid, 0)
+        return False
+
+    return sum(cpu for pid, cpu in used.items() if under_a_root(pid))
+
+
+def _service_pids(settings: Settings) -> set[int]:
+    """The local stack's Kafka broker and PostgreSQL postmaster."""
+    stack = stack_services(settings)
+    kafka = read_pid(cast(Any, stack["kafka"]).pid_file)
+    postmaster = cast(Any, stack["postgres"]).data / "postmaster.pid"
+    pids = {kafka} if kafka else set()
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        pids.add(int(postmaster.read_text().split()[0]))
+    return pids
+
+
+@contextlib.contextmanager
+def _started_worker(bench: Settings, env: dict[str, str]) -> Iterator[WorkerProcess]:
+    """A worker of ``bench`` started (not waited for), with a state folder of its own."""
+    with tempfile.TemporaryDirectory(prefix="iotflow-bench-") as state:
+        with WorkerProcess({"IOTFLOW_APP_ID": bench.app_id, "IOTFLOW_TOPIC_PREFIX": bench.topic_prefix,
+                            "IOTFLOW_WEB_PORT": str(free_loopback_port()), "IOTFLOW_DATA_DIR": state, **env},
+                           Path(state) / "worker.log") as worker:
+            yield worker
+
+
+def _answers(worker: WorkerProcess) -> bool:
+    try:
+        return http_get_json(f"{worker.url}/health/live", timeout=2)[0] == 200
+    except OSError:
+        return False
+
+
+def run_scaling(settings: Settings, messages: int, partitions: int) -> dict[str, object]:
+    """One worker, then two (each a fresh consumer group), on the same preloaded topic of
+    ``partitions`` partitions, in one run."""
+    bench, run_id = fresh_run(settings, "benchx", topic_partitions=partitions)
+    device_prefix = f"benchx{run_id}-"
+    # Enough devices that the partitions carry about the same load (50 would leave some with twice
+    # the devices of others, and the worker holding them would set the pace).
+    asyncio.run(provision(bench, [f"{device_prefix}{i}" for i in range(SCALING_DEVICES)], device_type="bench"))
+    asyncio.run(_preload(bench, device_prefix, messages, devices=SCALING_DEVICES))
+    env = {"IOTFLOW_TOPIC_PARTITIONS": str(partitions)}
+    figures: dict[str, object] = {"messages": messages, "partitions": partitions, "cores": os.cpu_count()}
+    rates = {}
+    for workers in (1, 2):
+        asyncio.run(_sql(bench.tsdb_dsn, "DELETE FROM sensor_measurements WHERE device_id LIKE $1", device_prefix + "%"))
+        rate, workers_cpu, services_cpu = _drain_rate(bench, messages, workers, env)
+        rates[workers] = rate
+        label = "one_worker" if workers == 1 else "two_workers"
+        figures[f"{label}_msgs_per_s"] = round(rate)
+        figures[f"{label}_cpu_us_per_msg"] = round(workers_cpu / messages * 1e6, 1)
+        figures[f"{label}_kafka_and_postgres_cpu_us_per_msg"] = round(services_cpu / messages * 1e6, 1)
+    figures["scaling"] = round(rates[2] / rates[1], 2)
+    return figures

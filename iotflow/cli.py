@@ -516,6 +516,20 @@ def rollout_watch(rollout_id: str, interval: float, once: bool) -> None:
         sys.exit(1)
 
 
+@main.command("bench-scale")
+@click.option("--messages", type=click.IntRange(min=1000), default=1_000_000, show_default=True,
+              help="messages preloaded into a fresh topic")
+@click.option("--partitions", type=click.IntRange(min=2), default=16, show_default=True,
+              help="partitions of the fresh topic (and of the tables)")
+def bench_scale(messages: int, partitions: int) -> None:
+    """Measure one worker, then two, on the same preloaded topic in one run."""
+    import json
+
+    from iotflow.bench import run_scaling
+
+    click.echo(json.dumps(run_scaling(_settings(), messages, partitions), indent=2))
+
+
 @main.command("bench-recovery")
 @click.option("--keys", type=click.IntRange(min=1000), default=1_000_000, show_default=True,
               help="messages preloaded, each with its own msg_id: the dedup table's keys")
