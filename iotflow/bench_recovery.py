@@ -104,11 +104,11 @@ async def _changelog_records(bench: Settings) -> int:
 
 def _take_over(bench: Settings, root: Path, standby: int, timeout: float) -> dict[str, object]:
     """The victim starts alone on an empty folder and restores every partition; the survivor joins
-    once it is ready (a worker that joins while another restores can leave that one's standbys
-    stalled: docs/performance.md) and takes half, with or without standby replicas of the other
-    half. Once the survivor's standbys have read the changelogs — or a minute has passed — the
-    victim is killed; the survivor's phases from the kill. Its own folder never held the victim's
-    partitions: without standbys it restores them from the changelogs."""
+    once it is ready and takes half, with or without standby replicas of the other half. Once the
+    survivor's standbys have read the changelogs — or a minute has passed (how many records they
+    still lacked is in the result) — the victim is killed; the survivor's phases from the kill. Its
+    own folder never held the victim's partitions: without standbys it restores them from the
+    changelogs."""
     env = {"IOTFLOW_TABLE_STANDBY_REPLICAS": str(standby)}
     with _worker(bench, root / f"victim-{standby}", **env) as victim:
         _timeline(victim, time.monotonic(), timeout=timeout)
