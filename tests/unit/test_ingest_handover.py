@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 from types import SimpleNamespace
 
+from faust.types import TP
+
 from iotflow.agents.ingest import decide_fetched
 
 
@@ -15,7 +17,8 @@ class Rig:
         self.active = True
         self.app = SimpleNamespace(consumer_generation_id=7,
                                    consumer=SimpleNamespace(track_message=lambda m: self.tracked.append(m.offset)),
-                                   flow_control=SimpleNamespace(is_active=lambda: self.active))
+                                   flow_control=SimpleNamespace(is_active=lambda: self.active),
+                                   monitor=SimpleNamespace(stream_inbound_time={}))
         self.pipeline = SimpleNamespace(handle=self.handle)
         self.on_decide = None
 
@@ -25,14 +28,23 @@ class Rig:
             self.on_decide(message)
 
 
-def fetched(*offsets: int, generation: int = 7):
-    return [SimpleNamespace(offset=offset, generation_id=generation) for offset in offsets]
+def fetched(*offsets: int, generation: int = 7, partition: int = 0):
+    return [SimpleNamespace(offset=offset, generation_id=generation, tp=TP("sensor-data", partition))
+            for offset in offsets]
 
 
 def test_every_record_of_a_fetch_is_tracked_then_decided_in_order():
     rig = Rig()
     assert asyncio.run(decide_fetched(rig.app, rig.pipeline, fetched(3, 4, 5))) == 3
     assert rig.tracked == rig.decided == [3, 4, 5]
+
+
+def test_decided_records_tell_faust_s_monitor_their_partition_is_being_processed():
+    # Faust's check of slow streams reads it: without it, a worker catching up on a backlog older
+    # than stream_processing_timeout logged "Stream has not started processing" for every partition.
+    rig = Rig()
+    asyncio.run(decide_fetched(rig.app, rig.pipeline, fetched(3, partition=2) + fetched(9, partition=5)))
+    assert set(rig.app.monitor.stream_inbound_time) == {TP("sensor-data", 2), TP("sensor-data", 5)}
 
 
 def test_records_fetched_before_a_rebalance_are_left_to_the_new_assignment():
