@@ -311,3 +311,46 @@ def run_scaling(settings: Settings, messages: int, partitions: int) -> dict[str,
         figures[f"{label}_kafka_and_postgres_cpu_us_per_msg"] = round(services_cpu / messages * 1e6, 1)
     figures["scaling"] = round(rates[2] / rates[1], 2)
     return figures
+
+
+def run_soak(settings: Settings, messages: int, window_s: float) -> dict[str, object]:
+    """One worker through ``messages`` preloaded messages with a dedup window of ``window_s``, so
+    marks expire all along; its RSS sampled every 2 s, by how far through the messages it was."""
+    bench, run_id = fresh_run(settings, "benchsoak")
+    device_prefix = f"soak{run_id}-"
+    asyncio.run(provision(bench, [f"{device_prefix}{i}" for i in range(DEVICES)], device_type="bench"))
+    asyncio.run(_preload(bench, device_prefix, messages))
+    samples: list[tuple[int, int]] = []  # (messages received, RSS in KiB)
+    with bench_worker(bench, env={"IOTFLOW_DEDUP_WINDOW_S": str(window_s)}) as worker:
+        pid = cast(subprocess.Popen, worker.proc).pid
+        started = time.monotonic()
+        slowest, unanswered, received = 0.0, 0, 0
+        while received < messages:
+            worker.assert_running("during the soak")
+            asked = time.monotonic()
+            try:
+                received = _received(worker)
+            except OSError:  # no answer within 10 s: the loop was busy that long; ask again
+                unanswered += 1
+            slowest = max(slowest, time.monotonic() - asked)
+            samples.append((received, rss_kib(pid)))
+            time.sleep(2.0)
+        elapsed = time.monotonic() - started
+        expired, held = worker.metric("iotflow_dedup_marks_expired_total"), worker.metric("iotflow_dedup_marks")
+    by_tenth = {f"{10 * (i + 1)}%": round(next(rss for got, rss in samples if got >= messages * (i + 1) / 10) / 1024, 1)
+                for i in range(10)}
+    first = max(rss for got, rss in samples if got <= messages / 2)
+    second = max(rss for got, rss in samples if got > messages / 2)
+    return {
+        "messages": messages,
+        "dedup_window_s": window_s,
+        "msgs_per_s": round(messages / elapsed),
+        "rss_mib_by_share_received": by_tenth,
+        "peak_rss_first_half_mib": round(first / 1024, 1),
+        "peak_rss_second_half_mib": round(second / 1024, 1),
+        "second_half_over_first": round(second / first, 3),
+        "marks_expired": int(expired),
+        "marks_held_at_end": int(held),
+        "slowest_accounting_answer_s": round(slowest, 2),
+        "accounting_requests_unanswered_in_10_s": unanswered,
+    }

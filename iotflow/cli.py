@@ -530,6 +530,20 @@ def bench_scale(messages: int, partitions: int) -> None:
     click.echo(json.dumps(run_scaling(_settings(), messages, partitions), indent=2))
 
 
+@main.command("bench-soak")
+@click.option("--messages", type=click.IntRange(min=1000), default=10_000_000, show_default=True,
+              help="messages preloaded into a fresh topic")
+@click.option("--dedup-window", type=click.FloatRange(min=1), default=60.0, show_default=True,
+              help="the worker's IOTFLOW_DEDUP_WINDOW_S: marks expire all along the run")
+def bench_soak(messages: int, dedup_window: float) -> None:
+    """Measure a worker's RSS over a long run whose dedup window keeps expiring."""
+    import json
+
+    from iotflow.bench import run_soak
+
+    click.echo(json.dumps(run_soak(_settings(), messages, dedup_window), indent=2))
+
+
 @main.command("bench-recovery")
 @click.option("--keys", type=click.IntRange(min=1000), default=1_000_000, show_default=True,
               help="messages preloaded, each with its own msg_id: the dedup table's keys")
