@@ -25,6 +25,7 @@ app = faust.App(
     settings.app_id,
     broker=[f"kafka://{server}" for server in settings.kafka_bootstrap.split(",")],
     store="memory://",
+    datadir=str(settings.worker_dir),  # the bench's state folder, not an empty <app id>-data in the working folder
     autodiscover=False,
     web_host=settings.web_host,
     web_port=settings.web_port,
