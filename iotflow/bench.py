@@ -123,11 +123,19 @@ async def _sql(dsn: str, query: str, *args: object) -> list[asyncpg.Record]:
 def bench_worker(bench: Settings, *, app: str = "iotflow", app_id: str | None = None,
                  env: dict[str, str] | None = None) -> Iterator[WorkerProcess]:
     """A ready worker of ``bench``'s topics with a state folder of its own, killed on exit."""
+    with started_worker(bench, app=app, app_id=app_id, env=env) as worker:
+        worker.wait_ready(timeout=120)
+        yield worker
+
+
+@contextlib.contextmanager
+def started_worker(bench: Settings, *, app: str = "iotflow", app_id: str | None = None,
+                   env: dict[str, str] | None = None) -> Iterator[WorkerProcess]:
+    """A worker of ``bench``'s topics, started (not waited for), with a state folder of its own."""
     with tempfile.TemporaryDirectory(prefix="iotflow-bench-") as state:
         env = {"IOTFLOW_APP_ID": app_id or bench.app_id, "IOTFLOW_TOPIC_PREFIX": bench.topic_prefix,
                "IOTFLOW_WEB_PORT": str(free_loopback_port()), "IOTFLOW_DATA_DIR": state, **(env or {})}
         with WorkerProcess(env, Path(state) / "worker.log", app=app) as worker:
-            worker.wait_ready(timeout=120)
             yield worker
 
 
@@ -215,19 +223,20 @@ def _drain_rate(bench: Settings, messages: int, workers: int, env: dict[str, str
     """Start ``workers`` workers of a fresh consumer group at once on the preloaded topic; messages/s
     from the first one ready until their accounts together have received every message, and the
     CPU seconds the workers and the stack's Kafka and PostgreSQL used meanwhile."""
-    group = dataclasses.replace(bench, app_id=f"{bench.app_id}-x{workers}")
     services = _service_pids(bench)
     with contextlib.ExitStack() as stack:
-        started = [stack.enter_context(_started_worker(group, env)) for _ in range(workers)]
+        started = [stack.enter_context(started_worker(bench, app_id=f"{bench.app_id}-x{workers}", env=env))
+                   for _ in range(workers)]
         pids = {cast(subprocess.Popen, w.proc).pid for w in started}
         begun = None
         while True:
             for worker in started:
                 worker.assert_running("while the group took the preload")
-            if begun is None and any(_answers(w) for w in started):
+            answering = [w for w in started if _answers(w)]
+            if begun is None and answering:
                 begun, services_before = time.monotonic(), _cpu_s(services)
                 workers_before = _cpu_s(pids)
-            if begun is not None and sum(_received(w) for w in started if _answers(w)) >= messages:
+            if begun is not None and sum(_received(w) for w in answering) >= messages:
                 elapsed = time.monotonic() - begun
                 return messages / elapsed, _cpu_s(pids) - workers_before, _cpu_s(services) - services_before
             time.sleep(0.5)
@@ -270,16 +279,6 @@ def _service_pids(settings: Settings) -> set[int]:
     with contextlib.suppress(OSError, ValueError, IndexError):
         pids.add(int(postmaster.read_text().split()[0]))
     return pids
-
-
-@contextlib.contextmanager
-def _started_worker(bench: Settings, env: dict[str, str]) -> Iterator[WorkerProcess]:
-    """A worker of ``bench`` started (not waited for), with a state folder of its own."""
-    with tempfile.TemporaryDirectory(prefix="iotflow-bench-") as state:
-        with WorkerProcess({"IOTFLOW_APP_ID": bench.app_id, "IOTFLOW_TOPIC_PREFIX": bench.topic_prefix,
-                            "IOTFLOW_WEB_PORT": str(free_loopback_port()), "IOTFLOW_DATA_DIR": state, **env},
-                           Path(state) / "worker.log") as worker:
-            yield worker
 
 
 def _answers(worker: WorkerProcess) -> bool:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import sys
 
 import click
@@ -15,6 +16,11 @@ def _settings() -> Settings:
         return Settings.from_env()
     except SettingsError as exc:
         raise click.ClickException(str(exc)) from None
+
+
+def _print_json(result: object) -> None:
+    """A benchmark's figures, as indented JSON on stdout."""
+    click.echo(json.dumps(result, indent=2))
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -187,8 +193,6 @@ def simulate(devices: int, count: int | None, duration: float | None, rate: floa
              firmware_version: str | None, fail_updates: float, stall_updates: float, silent_after_update: float,
              heartbeat_s: float) -> None:
     """Run a fleet of simulated devices publishing telemetry over MQTT (QoS 1); print what each sent."""
-    import json
-
     from iotflow.simulator import FirmwareBehaviour, Fleet, FleetConfig
 
     if fail_updates + stall_updates + silent_after_update > 1:
@@ -251,7 +255,6 @@ def devices_register(prefix: str, count: int, device_type: str, tags: tuple[str,
               help="JSON file {device id: password} written here (mode 0600); the passwords are shown nowhere else")
 def devices_credentials(prefix: str, count: int, out: str) -> None:
     """Give a fleet's devices new MQTT passwords (accounts made where missing; old passwords stop working)."""
-    import json
     import os
 
     from iotflow.mqtt_auth import DynamicSecurity
@@ -300,11 +303,9 @@ def mqtt_acl_file() -> None:
               help="messages preloaded into a fresh topic")
 def bench(messages: int) -> None:
     """Measure the worker's ingest path against a bare aiokafka + COPY baseline in the same run."""
-    import json
-
     from iotflow.bench import run
 
-    click.echo(json.dumps(run(_settings(), messages), indent=2))
+    _print_json(run(_settings(), messages))
 
 
 @main.group()
@@ -320,7 +321,6 @@ _KIND = click.Choice(["invalid", "rejected", "unknown_device", "deleted_device",
 @click.option("--limit", type=click.IntRange(min=1), default=None, help="print at most this many records")
 def dlq_inspect(kinds: tuple[str, ...], limit: int | None) -> None:
     """Print the DLQ's records as JSON lines (original bytes, kind, field, reason, source); counts by kind on stderr."""
-    import json
     from collections import Counter
 
     from iotflow.dlq import inspect
@@ -343,8 +343,6 @@ def dlq_inspect(kinds: tuple[str, ...], limit: int | None) -> None:
 @click.option("--dry-run", is_flag=True, help="count what would be replayed; send and commit nothing")
 def dlq_replay(kinds: tuple[str, ...], device: str | None, dry_run: bool) -> None:
     """Send DLQ records back to sensor-data (original key and bytes); progress is committed, so a second run goes on."""
-    import json
-
     from iotflow.dlq import replay
 
     counts = asyncio.run(replay(_settings(), kinds=kinds, device=device, dry_run=dry_run))
@@ -393,8 +391,6 @@ def _day(_ctx: click.Context, _param: click.Parameter, value: str | None):
 @archive.command("run")
 def archive_run() -> None:
     """Archive, verify and drop every day past the hot window; delete archived days past the keep time."""
-    import json
-
     import asyncpg
 
     from iotflow.archive import ArchiveError, Archiver
@@ -421,8 +417,6 @@ def archive_run() -> None:
 @click.option("--devices", default=None, help="only these devices (comma-separated ids)")
 def archive_restore(first, last, devices: str | None) -> None:
     """Load archived days into sensor_measurements_restored (checksums verified; rows already there are kept)."""
-    import json
-
     import asyncpg
 
     from iotflow.archive import ArchiveError, restore
@@ -444,8 +438,6 @@ def archive_restore(first, last, devices: str | None) -> None:
 @archive.command("list")
 def archive_list() -> None:
     """The archived days: rows, time span, parts and bytes, one JSON line each."""
-    import json
-
     from iotflow.archive import Archive
     from iotflow.objectstore import ObjectStore
 
@@ -523,11 +515,9 @@ def rollout_watch(rollout_id: str, interval: float, once: bool) -> None:
               help="partitions of the fresh topic (and of the tables)")
 def bench_scale(messages: int, partitions: int) -> None:
     """Measure one worker, then two, on the same preloaded topic in one run."""
-    import json
-
     from iotflow.bench import run_scaling
 
-    click.echo(json.dumps(run_scaling(_settings(), messages, partitions), indent=2))
+    _print_json(run_scaling(_settings(), messages, partitions))
 
 
 @main.command("bench-soak")
@@ -537,11 +527,9 @@ def bench_scale(messages: int, partitions: int) -> None:
               help="the worker's IOTFLOW_DEDUP_WINDOW_S: marks expire all along the run")
 def bench_soak(messages: int, dedup_window: float) -> None:
     """Measure a worker's RSS over a long run whose dedup window keeps expiring."""
-    import json
-
     from iotflow.bench import run_soak
 
-    click.echo(json.dumps(run_soak(_settings(), messages, dedup_window), indent=2))
+    _print_json(run_soak(_settings(), messages, dedup_window))
 
 
 @main.command("bench-recovery")
@@ -549,11 +537,9 @@ def bench_soak(messages: int, dedup_window: float) -> None:
               help="messages preloaded, each with its own msg_id: the dedup table's keys")
 def bench_recovery(keys: int) -> None:
     """Time a worker getting its tables back: restart after kill -9, a new host, a take-over with and without standbys."""
-    import json
-
     from iotflow.bench_recovery import run
 
-    click.echo(json.dumps(run(_settings(), keys), indent=2))
+    _print_json(run(_settings(), keys))
 
 
 @main.command("bench-api")
@@ -562,11 +548,9 @@ def bench_recovery(keys: int) -> None:
 @click.option("--duration", type=click.FloatRange(min=1), default=20.0, show_default=True, help="seconds per measurement")
 def bench_api(devices: int, concurrency: int, duration: float) -> None:
     """Measure GET /devices/{id} and /devices/{id}/state from a second process, with Redis up and down."""
-    import json
-
     from iotflow.bench_api import run
 
-    click.echo(json.dumps(run(_settings(), devices=devices, concurrency=concurrency, duration_s=duration), indent=2))
+    _print_json(run(_settings(), devices=devices, concurrency=concurrency, duration_s=duration))
 
 
 @main.command()
