@@ -82,14 +82,15 @@ class MeasurementReader:
                  "max": r["max"], "avg": r["avg"], "archived": False} for r in rows]
 
     async def stored_messages(self, device_ids: list[str]) -> int:
-        """Distinct messages of these devices in the database (each device's primary-key range only)."""
+        """Messages of these devices the sink ever stored (their counts, kept with the rows: one
+        primary-key row per device, whatever the size of the hot window)."""
         if not device_ids:
             return 0
         pool = await self.pool.get()
         async with self.pool.acquire(pool) as conn:
             return int(await conn.fetchval(
-                "SELECT count(*) FROM (SELECT DISTINCT device_id, msg_id FROM sensor_measurements "
-                "WHERE device_id = ANY($1::text[])) s", device_ids))
+                "SELECT coalesce(sum(messages), 0) FROM device_stored_messages WHERE device_id = ANY($1::text[])",
+                device_ids))
 
 
 def _aggregate(table: pa.Table, bucket_s: int) -> list[Bucket]:

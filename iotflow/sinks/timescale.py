@@ -5,7 +5,9 @@ How one batch is written (the heart of invariants 1-3):
 1. The rows are COPYed (binary protocol) into a per-connection temporary staging table.
 2. ``INSERT INTO sensor_measurements SELECT … FROM staging ON CONFLICT DO NOTHING`` moves them over;
    a row whose measurement key (device_id, time, metric, msg_id) exists is skipped, so a batch
-   replayed after a crash, or a duplicate the dedup table missed, stores nothing twice.
+   replayed after a crash, or a duplicate the dedup table missed, stores nothing twice. The same
+   statement adds the messages whose rows were new to ``device_stored_messages`` (the accounting's
+   ``stored`` figure: exact, because it commits with the rows, and read in O(devices)).
 3. COMMIT. Only when :meth:`MeasurementSink.write` has returned does the ingest agent acknowledge
    the batch's Kafka events, so Faust's offset commit never passes a row that is not durable.
    The dedup table's changelog may run ahead of the sink: its marks carry the offset of the
@@ -43,9 +45,16 @@ _CREATE_STAGE = (
     "(time timestamptz, device_id text, metric text, value double precision, msg_id text, seq bigint) "
     "ON COMMIT DELETE ROWS"
 )
+# Moves the staged rows over, adds the messages whose rows were new to their devices' stored counts
+# (in device order: two sinks never wait on each other's counts in opposite orders), and returns
+# how many rows were new.
 _MOVE = (
-    f"INSERT INTO sensor_measurements ({', '.join(COLUMNS)}) "
-    f"SELECT {', '.join(COLUMNS)} FROM {_STAGE} ON CONFLICT DO NOTHING"
+    f"WITH moved AS (INSERT INTO sensor_measurements ({', '.join(COLUMNS)}) "
+    f"SELECT {', '.join(COLUMNS)} FROM {_STAGE} ON CONFLICT DO NOTHING RETURNING device_id, msg_id), "
+    "counted AS (INSERT INTO device_stored_messages AS c (device_id, messages) "
+    "SELECT device_id, count(DISTINCT msg_id) FROM moved GROUP BY device_id ORDER BY device_id "
+    "ON CONFLICT (device_id) DO UPDATE SET messages = c.messages + EXCLUDED.messages) "
+    "SELECT count(*) FROM moved"
 )
 
 _NO_PARTITION = "23514"  # check_violation: raised for a row with no partition to go to
@@ -119,7 +128,7 @@ class MeasurementSink:
             async with self.pool.acquire(pool) as conn:
                 async with conn.transaction():
                     await conn.copy_records_to_table(_STAGE, records=rows, columns=COLUMNS)
-                    status = await conn.execute(_MOVE)
+                    stored = await conn.fetchval(_MOVE)
         except Exception as exc:
             if is_retriable(exc):
                 self.breaker.record_failure()
@@ -133,7 +142,7 @@ class MeasurementSink:
             metrics.SINK_ERRORS.labels("rejected").inc()
             raise SinkRejected(f"{exc.__class__.__name__}: {exc}") from exc
         self.breaker.record_success()
-        return int(status.rsplit(" ", 1)[-1])
+        return int(stored)
 
     async def upkeep(self, *, retention_days: int, drop: bool) -> tuple[int, int]:
         """Daily partitions for the hot window and a week ahead (plain PostgreSQL); with ``drop``, the days

@@ -8,11 +8,13 @@ import asyncpg
 import pytest
 
 from iotflow import audit
+from iotflow.measurements import MeasurementReader
 from iotflow.migrate import default_dir, discover, migrator
 from iotflow.settings import Settings
 from iotflow.devices import Registration
 from iotflow.pg import LazyPool
 from iotflow.registry import DeviceRegistry
+from iotflow.sinks import timescale
 from iotflow.sinks.timescale import MeasurementSink
 
 
@@ -48,12 +50,14 @@ def test_up_down_up_and_a_second_up_changes_nothing(scratch_db: Settings):
     # Plain PostgreSQL here: daily partitions from the retention window back to a week ahead.
     assert asyncio.run(partitions(scratch_db.tsdb_dsn)) == 91 + 1 + 7
     assert asyncio.run(tables(scratch_db.tsdb_dsn)) == {"sensor_measurements", "devices", "device_outbox", "firmware", "rollouts", "rollout_devices", "feature_flags",
-                                                         "sensor_measurements_restored", "audit_log"}
+                                                         "sensor_measurements_restored", "audit_log",
+                                                         "device_stored_messages"}
     assert [x.version for x in asyncio.run(m.down(0))] == versions[::-1]
     assert asyncio.run(tables(scratch_db.tsdb_dsn)) == set()
     assert [x.version for x in asyncio.run(m.up())] == versions
     assert asyncio.run(tables(scratch_db.tsdb_dsn)) == {"sensor_measurements", "devices", "device_outbox", "firmware", "rollouts", "rollout_devices", "feature_flags",
-                                                         "sensor_measurements_restored", "audit_log"}
+                                                         "sensor_measurements_restored", "audit_log",
+                                                         "device_stored_messages"}
 
 
 def test_down_to_a_version_keeps_what_came_before(scratch_db: Settings):
@@ -90,6 +94,12 @@ def test_upkeep_drops_days_past_retention_and_creates_days_ahead(scratch_db: Set
 
 
 _AUDIT_LOG = 6  # the migration that made the registry write audit rows
+_STORED_COUNTS = 7  # the migration that made the sink count stored messages per device
+# What the sink ran to move its staged rows before it counted them (the releases before 0007).
+_UNCOUNTED_MOVE = (
+    f"INSERT INTO sensor_measurements ({', '.join(timescale.COLUMNS)}) "
+    f"SELECT {', '.join(timescale.COLUMNS)} FROM iotflow_stage ON CONFLICT DO NOTHING RETURNING 1"
+)
 
 
 def _expand_only(version: int) -> bool:
@@ -111,6 +121,8 @@ def test_an_expand_only_migration_keeps_the_previous_release_working(scratch_db:
         async def no_audit_row(*args: object, **kwargs: object) -> None:
             return None  # the releases before the audit log wrote none
         monkeypatch.setattr(audit, "record", no_audit_row)
+    if version <= _STORED_COUNTS:
+        monkeypatch.setattr(timescale, "_MOVE", f"WITH moved AS ({_UNCOUNTED_MOVE}) SELECT count(*) FROM moved")
     sink = MeasurementSink(scratch_db.tsdb_dsn, pool_size=1, connect_timeout_s=5, command_timeout_s=30)
     pool = LazyPool(scratch_db.pg_dsn, size=1, connect_timeout_s=5, command_timeout_s=30, application_name="compat")
     registry = DeviceRegistry(pool)
@@ -145,3 +157,42 @@ def test_an_expand_only_migration_keeps_the_previous_release_working(scratch_db:
 
     with_registry = version - 1 >= 2
     assert asyncio.run(scenario()) == [(5, 5, 5 if with_registry else 0), (5, 10, 10 if with_registry else 0)]
+
+
+def test_the_sink_counts_the_messages_it_stores_per_device_and_0007_counts_those_before_it(scratch_db: Settings):
+    m = migrator(scratch_db)
+    now = datetime.now(UTC)
+
+    def message(device: str, msg: str, metrics: tuple[str, ...], age_s: int = 0) -> list:
+        return [(now - timedelta(seconds=age_s), device, metric, 1.0, msg, 0) for metric in metrics]
+
+    async def scenario() -> tuple[dict[str, int], int, dict[str, int], int, int]:
+        await m.up(target=_STORED_COUNTS - 1)
+        conn = await asyncpg.connect(scratch_db.tsdb_dsn, timeout=10)
+        sink = MeasurementSink(scratch_db.tsdb_dsn, pool_size=1, connect_timeout_s=5, command_timeout_s=30)
+        pool = LazyPool(scratch_db.tsdb_dsn, size=1, connect_timeout_s=5, command_timeout_s=30, application_name="t")
+        try:
+            # Before 0007: rows of two devices (one message of two metrics), stored without counts.
+            await conn.copy_records_to_table("sensor_measurements", columns=timescale.COLUMNS, records=[
+                *message("old-a", "m1", ("hum", "temp")), *message("old-a", "m2", ("temp",)),
+                *message("old-b", "m1", ("temp",))])
+            await m.up()
+            backfilled = dict(await conn.fetch("SELECT device_id, messages FROM device_stored_messages"))
+
+            batch = [*message("new-a", "m1", ("hum", "temp")), *message("new-a", "m2", ("temp",), 5),
+                     *message("new-b", "m1", ("temp",)), *message("old-a", "m3", ("temp",))]
+            first = await sink.write(batch)
+            again = await sink.write(batch)  # a replayed batch: nothing new, nothing counted
+            counted = dict(await conn.fetch("SELECT device_id, messages FROM device_stored_messages"))
+            stored = await MeasurementReader(pool).stored_messages(["new-a", "old-a", "never-seen"])
+            return backfilled, first, counted, again, stored
+        finally:
+            await conn.close()
+            await sink.stop()
+            await pool.close()
+
+    backfilled, first, counted, again, stored = asyncio.run(scenario())
+    assert backfilled == {"old-a": 2, "old-b": 1}
+    assert (first, again) == (5, 0)
+    assert counted == {"old-a": 3, "old-b": 1, "new-a": 2, "new-b": 1}
+    assert stored == 2 + 3

@@ -2,11 +2,13 @@
 
 No TimescaleDB server package exists for these machines; PGlite (PostgreSQL compiled to WASM)
 with the TimescaleDB 2.23 extension, from npm, runs the same DDL in Node. It cannot carry the
-write path (design.md), so this proves the DDL only: hypertable, chunks, compression, retention.
+write path (design.md), so this proves the DDL — hypertable, chunks, compression, retention — and
+the sink's one statement that must hold on a hypertable (the move that counts stored messages).
 """
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -14,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from iotflow.migrate import default_dir, discover
+from iotflow.sinks import timescale
 
 HERE = Path(__file__).resolve().parents[1] / "timescale"
 
@@ -22,8 +25,9 @@ def apply(*sql_files: Path) -> dict:
     node = shutil.which("node")
     assert node, "node is required (the machine has Node.js)"
     assert (HERE / "node_modules").is_dir(), "run scripts/bootstrap (it installs tests/timescale)"
+    env = {**os.environ, "SINK_STAGE": timescale._CREATE_STAGE, "SINK_MOVE": timescale._MOVE}
     done = subprocess.run([node, "apply.mjs", *map(str, sql_files)], cwd=HERE, capture_output=True, text=True,
-                          timeout=300)
+                          timeout=300, env=env)
     assert done.returncode == 0, done.stderr
     return json.loads(done.stdout.strip().splitlines()[-1])
 
@@ -42,6 +46,8 @@ def test_measurements_become_a_compressed_hypertable_whose_days_the_archive_drop
     assert report["archive"] == {"days_before": ["2026-01-10", "2026-01-11"], "refused": False, "dropped": True,
                                  "days_after": ["2026-01-11"], "rows_after": 1}
     assert report["segmentby"] == [{"attname": "device_id", "segmentby_column_index": 1}]
+    # The sink's move into the hypertable counts each new message once per device (0007); a replay adds nothing.
+    assert report["sink"] == {"first": 3, "replay": 0, "counted": [{"device_id": "d2", "messages": 2}]}
     # The plain-PostgreSQL partition upkeep is a no-op on a hypertable.
     assert report["partitions_made"] == [{"made": 0}]
 

@@ -35,5 +35,20 @@ if ((await one("SELECT to_regprocedure('iotflow_measurement_days()') IS NOT NULL
     rows_after: (await one("SELECT count(*)::int AS n FROM sensor_measurements"))[0].n,
   };
 }
+// The sink's statement (SINK_STAGE, SINK_MOVE from the test): rows moved into the hypertable and
+// their messages counted per device (migration 0007), a replay moving and counting nothing.
+if (process.env.SINK_MOVE &&
+    (await one("SELECT to_regclass('device_stored_messages') IS NOT NULL AS has")).at(0).has) {
+  await db.exec(process.env.SINK_STAGE);
+  const stageName = process.env.SINK_STAGE.match(/EXISTS (\w+)/)[1];
+  const when = "2026-01-11T06:00:00Z";  // a day with a chunk (the stage's rows go at commit, as in the sink)
+  const batch = async () => db.transaction(async (tx) => {
+    await tx.exec(`INSERT INTO ${stageName} (time, device_id, metric, value, msg_id, seq) VALUES
+                   ('${when}', 'd2', 'hum', 1, 'm1', 1), ('${when}', 'd2', 't', 1, 'm1', 1), ('${when}', 'd2', 't', 2, 'm2', 2)`);
+    return Number((await tx.query(process.env.SINK_MOVE)).rows[0].count);
+  });
+  report.sink = { first: await batch(), replay: await batch(),
+    counted: await one("SELECT device_id, messages::int AS messages FROM device_stored_messages WHERE device_id = 'd2'") };
+}
 console.log(JSON.stringify(report));
 await db.close();
