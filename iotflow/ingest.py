@@ -50,6 +50,7 @@ _DLQ_REPORT_EVERY_S = 10.0
 _CONFIRM_TIMEOUT_S = 1.0  # a registry lookup for waiting devices: the agent waits this long at most
 _CONFIRM_PAUSE_S = 5.0  # after a lookup failed: waiting devices are asked of the table only, meanwhile
 _EXPIRE_PER_MESSAGE = 8  # marks deleted per message at most: expiry keeps pace without bursts
+_INDEX_CHUNK = 10_000  # marks indexed between two turns of the event loop
 
 
 _Writes = dict[bytes, tuple[int, bytes | None]]  # a table's taken writes (TableBatch.take)
@@ -97,6 +98,7 @@ class IngestPipeline:
         self.clock = clock
         self._expiry = ExpiryIndex(self.window_ms)
         self._indexed = False
+        self._assignment = 0  # assignments seen: an index built across one is out of date
         self._pending: list[_Pending] = []
         self._pending_rows = 0
         # The batch being written, while the next one is decided (the write of a batch waits for the
@@ -109,20 +111,36 @@ class IngestPipeline:
         self._dlq_reported_at = float("-inf")
         # Per partition: Kafka's timestamp (s) of the newest message made durable (the lag metric).
         self.durable_until: dict[int, float] = {}
-        metrics.DEDUP_MARKS.set_function(lambda: len(self.marks.table))
+        # The expiry index holds every mark of the active partitions once it is built (at the first
+        # message after an assignment); counting the store instead would read every key per scrape.
+        metrics.DEDUP_MARKS.set_function(lambda: len(self._expiry))
         metrics.PARKED.set_function(lambda: len(self._parked))
 
     def on_partitions_assigned(self, assigned_partitions: set[int]) -> None:
         """Rebuild the expiry index at the next message: restored marks must expire too."""
         self._expiry.drop_partitions_except(assigned_partitions)
         self._indexed = False
+        self._assignment += 1
 
-    def _index_restored_marks(self) -> None:
-        self._expiry = ExpiryIndex(self.window_ms)
-        for key, value in self.marks.table.items():
-            self._expiry.add(key, Mark.decode(value))
-        self._indexed = True
-        log.info("dedup_expiry_indexed", marks=len(self._expiry))
+    async def _index_restored_marks(self) -> None:
+        """Index every mark of the active partitions (restored ones too), letting the event loop run
+        every ``_INDEX_CHUNK`` marks: millions of marks take seconds, and the web server, the
+        timers and Faust's own tasks must not stall that long. Deciding waits for it (the caller
+        holds the order lock), so marks set meanwhile are those of the flush on the timer only."""
+        started, assignment = time.monotonic(), self._assignment
+        expiry, index = ExpiryIndex(self.window_ms), 0
+        try:
+            for index, (key, value) in enumerate(self.marks.table.items(), 1):
+                expiry.add(key, Mark.decode(value))
+                if index % _INDEX_CHUNK == 0:
+                    await asyncio.sleep(0)
+        except RuntimeError as exc:  # the store's partitions changed under the pass: a rebalance began
+            log.info("dedup_expiry_index_interrupted", marks=index, error=str(exc))
+            return  # not indexed: the next message after the assignment starts over
+        if assignment != self._assignment:
+            return  # partitions were assigned meanwhile: the next message starts over
+        self._expiry, self._indexed = expiry, True
+        log.info("dedup_expiry_indexed", marks=len(expiry), seconds=round(time.monotonic() - started, 3))
 
     def _expire(self, partition: int, now_ms: int) -> None:
         for key in self._expiry.expired(partition, now_ms, _EXPIRE_PER_MESSAGE):
@@ -137,7 +155,7 @@ class IngestPipeline:
             partition = message.partition
             now_ms = int(self.clock() * 1000)
             if not self._indexed:
-                self._index_restored_marks()
+                await self._index_restored_marks()
             self._expire(partition, now_ms)
             await self._release_due(now_ms)
             while self._parked.full:

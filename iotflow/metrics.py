@@ -17,7 +17,7 @@ PARKED = Gauge("iotflow_ingest_parked_messages",
 ROWS_STORED = Counter("iotflow_sink_rows_stored_total", "Measurement rows the sink inserted (new rows only).")
 DLQ = Counter("iotflow_dlq_messages_total", "Messages sent to sensor-data-dlq, by kind (invalid, rejected, unknown_device, deleted_device, identity_mismatch).", ["kind"])
 DEDUP_EXPIRED = Counter("iotflow_dedup_marks_expired_total", "Dedup marks deleted after the dedup window.")
-DEDUP_MARKS = Gauge("iotflow_dedup_marks", "Dedup marks held by this worker's active partitions (counted at scrape).")
+DEDUP_MARKS = Gauge("iotflow_dedup_marks", "Dedup marks held by this worker's active partitions (its expiry index: rebuilt at the first message after an assignment).")
 SINK_BATCH_SECONDS = Histogram(
     "iotflow_sink_batch_seconds",
     "Time to make one batch durable (DLQ confirmations + COPY + commit), retries included.",

@@ -1,0 +1,65 @@
+"""The expiry index of restored marks: rebuilt without stalling the event loop, thrown away when an
+assignment happens during the pass, and what the ``iotflow_dedup_marks`` gauge reports."""
+from __future__ import annotations
+
+import asyncio
+
+from iotflow import metrics
+from iotflow.dedup import Mark
+from iotflow.ingest import _INDEX_CHUNK
+from tests.unit.test_ingest_write_behind import rig
+
+RESTORED = 3 * _INDEX_CHUNK + 7
+
+
+def restored_marks(count: int = RESTORED, *, during=None):
+    def items():
+        for i in range(count):
+            if during is not None and i == count // 2:
+                during()
+            yield f"d1/m{i}".encode(), Mark(i % 4, i, seen_at_ms=1000 * i).encode()
+    return items
+
+
+def gauge() -> float:
+    return next(iter(metrics.DEDUP_MARKS.collect())).samples[0].value
+
+
+def test_restored_marks_are_indexed_while_the_loop_keeps_turning_and_the_gauge_counts_them():
+    pipeline, *_ = rig()
+    pipeline._indexed = False
+    pipeline.marks.table.items = restored_marks()
+    turns = 0
+
+    async def scenario() -> None:
+        nonlocal turns
+        pass_done = asyncio.ensure_future(pipeline._index_restored_marks())
+        while not pass_done.done():
+            turns += 1
+            await asyncio.sleep(0)
+        await pass_done
+
+    asyncio.run(scenario())
+    assert pipeline._indexed and len(pipeline._expiry) == RESTORED == gauge()
+    assert turns >= 3  # the loop ran other tasks between the chunks
+    assert pipeline._expiry.expired(1, now_ms=1000 * 9 + 3_600_000, limit=10) == [b"d1/m1", b"d1/m5", b"d1/m9"]
+
+
+def test_an_assignment_during_the_pass_leaves_the_index_to_be_rebuilt():
+    pipeline, *_ = rig()
+    pipeline._indexed = False
+    pipeline.marks.table.items = restored_marks(during=lambda: pipeline.on_partitions_assigned({0, 1}))
+    asyncio.run(pipeline._index_restored_marks())
+    assert not pipeline._indexed  # the next message indexes again, with the new assignment's marks
+
+
+def test_a_store_changing_under_the_pass_leaves_the_index_to_be_rebuilt():
+    pipeline, *_ = rig()
+    pipeline._indexed = False
+
+    def during() -> None:
+        raise RuntimeError("dictionary changed size during iteration")
+
+    pipeline.marks.table.items = restored_marks(during=during)
+    asyncio.run(pipeline._index_restored_marks())
+    assert not pipeline._indexed
