@@ -39,18 +39,18 @@ log = structlog.get_logger(__name__)
 COLUMNS = ("time", "device_id", "metric", "value", "msg_id", "seq")
 Row = tuple[dt.datetime, str, str, float, str, int]
 
-_STAGE = "iotflow_stage"
-_CREATE_STAGE = (
-    f"CREATE TEMP TABLE IF NOT EXISTS {_STAGE} "
+STAGE = "iotflow_stage"
+CREATE_STAGE = (
+    f"CREATE TEMP TABLE IF NOT EXISTS {STAGE} "
     "(time timestamptz, device_id text, metric text, value double precision, msg_id text, seq bigint) "
     "ON COMMIT DELETE ROWS"
 )
 # Moves the staged rows over, adds the messages whose rows were new to their devices' stored counts
 # (in device order: two sinks never wait on each other's counts in opposite orders), and returns
 # how many rows were new.
-_MOVE = (
+MOVE = (
     f"WITH moved AS (INSERT INTO sensor_measurements ({', '.join(COLUMNS)}) "
-    f"SELECT {', '.join(COLUMNS)} FROM {_STAGE} ON CONFLICT DO NOTHING RETURNING device_id, msg_id), "
+    f"SELECT {', '.join(COLUMNS)} FROM {STAGE} ON CONFLICT DO NOTHING RETURNING device_id, msg_id), "
     "counted AS (INSERT INTO device_stored_messages AS c (device_id, messages) "
     "SELECT device_id, count(DISTINCT msg_id) FROM moved GROUP BY device_id ORDER BY device_id "
     "ON CONFLICT (device_id) DO UPDATE SET messages = c.messages + EXCLUDED.messages) "
@@ -127,8 +127,8 @@ class MeasurementSink:
             pool = await self._get_pool()
             async with self.pool.acquire(pool) as conn:
                 async with conn.transaction():
-                    await conn.copy_records_to_table(_STAGE, records=rows, columns=COLUMNS)
-                    stored = await conn.fetchval(_MOVE)
+                    await conn.copy_records_to_table(STAGE, records=rows, columns=COLUMNS)
+                    stored = await conn.fetchval(MOVE)
         except Exception as exc:
             if is_retriable(exc):
                 self.breaker.record_failure()
@@ -166,4 +166,4 @@ class MeasurementSink:
 
 
 async def _init_connection(conn: asyncpg.Connection) -> None:
-    await conn.execute(_CREATE_STAGE)
+    await conn.execute(CREATE_STAGE)

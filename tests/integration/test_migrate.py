@@ -98,7 +98,7 @@ _STORED_COUNTS = 7  # the migration that made the sink count stored messages per
 # What the sink ran to move its staged rows before it counted them (the releases before 0007).
 _UNCOUNTED_MOVE = (
     f"INSERT INTO sensor_measurements ({', '.join(timescale.COLUMNS)}) "
-    f"SELECT {', '.join(timescale.COLUMNS)} FROM iotflow_stage ON CONFLICT DO NOTHING RETURNING 1"
+    f"SELECT {', '.join(timescale.COLUMNS)} FROM {timescale.STAGE} ON CONFLICT DO NOTHING RETURNING 1"
 )
 
 
@@ -122,7 +122,7 @@ def test_an_expand_only_migration_keeps_the_previous_release_working(scratch_db:
             return None  # the releases before the audit log wrote none
         monkeypatch.setattr(audit, "record", no_audit_row)
     if version <= _STORED_COUNTS:
-        monkeypatch.setattr(timescale, "_MOVE", f"WITH moved AS ({_UNCOUNTED_MOVE}) SELECT count(*) FROM moved")
+        monkeypatch.setattr(timescale, "MOVE", f"WITH moved AS ({_UNCOUNTED_MOVE}) SELECT count(*) FROM moved")
     sink = MeasurementSink(scratch_db.tsdb_dsn, pool_size=1, connect_timeout_s=5, command_timeout_s=30)
     pool = LazyPool(scratch_db.pg_dsn, size=1, connect_timeout_s=5, command_timeout_s=30, application_name="compat")
     registry = DeviceRegistry(pool)

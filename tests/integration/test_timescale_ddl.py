@@ -25,7 +25,7 @@ def apply(*sql_files: Path) -> dict:
     node = shutil.which("node")
     assert node, "node is required (the machine has Node.js)"
     assert (HERE / "node_modules").is_dir(), "run scripts/bootstrap (it installs tests/timescale)"
-    env = {**os.environ, "SINK_STAGE": timescale._CREATE_STAGE, "SINK_MOVE": timescale._MOVE}
+    env = {**os.environ, "SINK_STAGE": timescale.CREATE_STAGE, "SINK_MOVE": timescale.MOVE}
     done = subprocess.run([node, "apply.mjs", *map(str, sql_files)], cwd=HERE, capture_output=True, text=True,
                           timeout=300, env=env)
     assert done.returncode == 0, done.stderr
