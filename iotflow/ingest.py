@@ -1,7 +1,7 @@
 """The ingest pipeline: validate → DLQ, dedup, account, batch → sink → ack.
 
-:meth:`IngestPipeline.handle` is given each sensor-data message in turn, as the fetcher hands over a
-fetch (iotflow/agents/ingest.py): it reads the tables in that message's partition and queues its
+The handler of :meth:`IngestPipeline.deciding` is given each sensor-data message of a fetch in turn,
+as the fetcher hands the fetch over (iotflow/agents/ingest.py): it reads the tables in that message's partition and queues its
 rows and its table writes (a mark, the device's account — tagged with the message's partition) in a
 bounded batch. A full batch is written in the background while the next one is decided (reads
 see the batch's table writes until they are written; one batch at most is written at a time, and
@@ -24,9 +24,10 @@ account records the last offset it counted, so a replayed message is never count
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 
 import faust
@@ -147,34 +148,61 @@ class IngestPipeline:
             self.marks.delete(partition, key)
             metrics.DEDUP_EXPIRED.inc()
 
-    async def handle(self, message: Message) -> None:
-        """Decide what one message is, queue its rows and table writes; flush when the batch is full."""
+    @contextlib.asynccontextmanager
+    async def deciding(self) -> AsyncIterator[Callable[[Message], Awaitable[None]]]:
+        """A handler for the messages of one fetch, to be given them one at a time, in order. The
+        order lock is taken once for them all (the timer's tick waits for the fetch), and each
+        device's registry status is read once per fetch: its registration or deletion, which the
+        devices agent applies meanwhile, counts from the next fetch on — the two topics are never
+        ordered against each other anyway."""
         async with self._order:
-            if self._closed:
-                return  # stopping: left unacknowledged, so the partition's next owner reads it
-            partition = message.partition
+            statuses: dict[bytes, DeviceStatus] = {}
+            read = self.device_status
+
+            def status_of(partition: int, device_key: bytes) -> DeviceStatus:
+                status = statuses.get(device_key)
+                if status is None:
+                    status = statuses[device_key] = read(partition, device_key)
+                return status
+
+            async def handle(message: Message) -> None:
+                await self._handle(message, status_of)
+
+            yield handle
+
+    async def handle(self, message: Message) -> None:
+        """Decide one message on its own (a fetch of one)."""
+        async with self.deciding() as handle:
+            await handle(message)
+
+    async def _handle(self, message: Message, status_of: Callable[[int, bytes], DeviceStatus]) -> None:
+        """Decide what one message is, queue its rows and table writes; flush when the batch is full.
+        The caller holds the order lock."""
+        if self._closed:
+            return  # stopping: left unacknowledged, so the partition's next owner reads it
+        partition = message.partition
+        now_ms = int(self.clock() * 1000)
+        if not self._indexed:
+            await self._index_restored_marks()
+        self._expire(partition, now_ms)
+        await self._release_due(now_ms)
+        while self._parked.full:
+            # Backpressure: take no more until waiting devices are settled (registered, or
+            # out of time); Kafka keeps the backlog meanwhile.
+            due = self._parked.next_due_ms()
+            await asyncio.sleep(max(0.0, (due or now_ms) - now_ms) / 1000 + 0.001)
             now_ms = int(self.clock() * 1000)
-            if not self._indexed:
-                await self._index_restored_marks()
-            self._expire(partition, now_ms)
             await self._release_due(now_ms)
-            while self._parked.full:
-                # Backpressure: take no more until waiting devices are settled (registered, or
-                # out of time); Kafka keeps the backlog meanwhile.
-                due = self._parked.next_due_ms()
-                await asyncio.sleep(max(0.0, (due or now_ms) - now_ms) / 1000 + 0.001)
-                now_ms = int(self.clock() * 1000)
-                await self._release_due(now_ms)
-                await self.flush()  # the timer's flush waits for this lock meanwhile
-            device_key: bytes = message.key or b""
-            if self._parked.holds(device_key):
-                # Behind its device's waiting messages, invalid ones too: a device's messages are
-                # counted in offset order (its account is replay-safe by offset).
-                self._park(device_key, message, now_ms)
-            else:
-                await self._decide(message, now_ms, self.device_status)
-            if self._pending_rows >= self.batch_size or len(self._pending) >= 4 * self.batch_size:
-                await self._write_behind()
+            await self.flush()  # the timer's flush waits for this lock meanwhile
+        device_key: bytes = message.key or b""
+        if self._parked.holds(device_key):
+            # Behind its device's waiting messages, invalid ones too: a device's messages are
+            # counted in offset order (its account is replay-safe by offset).
+            self._park(device_key, message, now_ms)
+        else:
+            await self._decide(message, now_ms, status_of)
+        if self._pending_rows >= self.batch_size or len(self._pending) >= 4 * self.batch_size:
+            await self._write_behind()
 
     async def close(self) -> None:
         """At shutdown, before the final commit: decide no more messages, make the queued batch
@@ -245,7 +273,7 @@ class IngestPipeline:
             pending.rows = telemetry.rows()
             pending.device_s = telemetry.time.timestamp()
             values = self.latest.get(partition, device_key) or LatestValues()
-            values.update(telemetry.metrics, int(telemetry.time.timestamp() * 1000))
+            values.update(telemetry.metrics, int(pending.device_s * 1000))
             self.latest.set(partition, device_key, values)
         return outcome
 

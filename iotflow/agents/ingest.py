@@ -3,7 +3,7 @@
 sensor-data is not read through a Faust agent's stream: the fetcher hands each fetch of its records
 to :func:`decide_fetched` in one call (:func:`iotflow.transport.consume_in_batches`), past Faust's
 per-record conductor, ``Event`` and stream iteration (docs/performance.md), and it gives them to
-:meth:`IngestPipeline.handle` one at a time. The topic is
+the handler of :meth:`IngestPipeline.deciding` one at a time. The topic is
 still subscribed through Faust's conductor, so its partitions are assigned with the tables that are
 co-partitioned with it, and every record is tracked and acknowledged through Faust's consumer: the
 pipeline acknowledges a message after its rows are durable, and Faust commits what is acknowledged.
@@ -48,12 +48,13 @@ async def decide_fetched(app: faust.App, pipeline: IngestPipeline, messages: lis
     # "Stream has not started processing" at ERROR for every partition while a backlog is older
     # than stream_processing_timeout (seen in a 10M-message catch-up).
     inbound, now = app.monitor.stream_inbound_time, monotonic()
-    for done, message in enumerate(messages):
-        if message.generation_id != app.consumer_generation_id or not flow.is_active():
-            return done
-        consumer.track_message(message)
-        inbound[message.tp] = now
-        await pipeline.handle(message)
+    async with pipeline.deciding() as handle:
+        for done, message in enumerate(messages):
+            if message.generation_id != app.consumer_generation_id or not flow.is_active():
+                return done
+            consumer.track_message(message)
+            inbound[message.tp] = now
+            await handle(message)
     return len(messages)
 
 

@@ -3,6 +3,7 @@ records of a fetch are tracked and decided in order; a rebalance since the fetch
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from types import SimpleNamespace
 
 from faust.types import TP
@@ -19,8 +20,14 @@ class Rig:
                                    consumer=SimpleNamespace(track_message=lambda m: self.tracked.append(m.offset)),
                                    flow_control=SimpleNamespace(is_active=lambda: self.active),
                                    monitor=SimpleNamespace(stream_inbound_time={}))
-        self.pipeline = SimpleNamespace(handle=self.handle)
+        self.pipeline = SimpleNamespace(deciding=self.deciding)
         self.on_decide = None
+        self.fetches = 0
+
+    @contextlib.asynccontextmanager
+    async def deciding(self):
+        self.fetches += 1
+        yield self.handle
 
     async def handle(self, message) -> None:
         self.decided.append(message.offset)
@@ -37,6 +44,7 @@ def test_every_record_of_a_fetch_is_tracked_then_decided_in_order():
     rig = Rig()
     assert asyncio.run(decide_fetched(rig.app, rig.pipeline, fetched(3, 4, 5))) == 3
     assert rig.tracked == rig.decided == [3, 4, 5]
+    assert rig.fetches == 1  # one handler (one hold of the pipeline's order lock) per fetch
 
 
 def test_decided_records_tell_faust_s_monitor_their_partition_is_being_processed():
