@@ -146,3 +146,21 @@ def test_a_write_that_fails_is_raised_to_the_agent_and_nothing_after_it_is_ackno
 def test_flush_with_nothing_decided_returns_at_once():
     pipeline, *_ = rig()
     asyncio.run(asyncio.wait_for(pipeline.flush(), 1))
+
+
+def test_a_fetch_reads_each_device_s_registry_status_once_and_the_next_fetch_reads_it_again():
+    async def scenario() -> list[bytes]:
+        pipeline, _, _, _, _, message = rig(batch_size=100)
+        asked: list[bytes] = []
+
+        def status(_partition: int, key: bytes) -> DeviceStatus:
+            asked.append(key)
+            return DeviceStatus.REGISTERED
+        pipeline.device_status = status
+        async with pipeline.deciding() as handle:
+            for offset in range(3):
+                await handle(message(offset))
+        await pipeline.handle(message(3))  # a fetch of its own: the device may have changed meanwhile
+        return asked
+
+    assert asyncio.run(scenario()) == [b"d1", b"d1"]
