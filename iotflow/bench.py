@@ -6,7 +6,11 @@
 3. (c) the floors: a Faust worker that only acknowledges each record (``iotflow.bench_floor``), with
    iotflow's transport — through an agent's stream (what Faust's per-event path costs before any
    work), and handed over a fetch at a time as iotflow's ingest takes them.
-4. The baseline's rows are deleted, then (b) an iotflow worker consumes the same topic: validation,
+   (q) the peer a user would pick instead: Quix Streams doing the same job — RocksDB-state dedup
+   by msg_id, batches through the same idempotent statements (bench/quix_opponent.py, run in its
+   own virtualenv, ``.bench-venv``, made from bench/requirements-quix.txt on first use); the rows
+   of (a) are deleted before it runs.
+4. The rows so far are deleted, then (b) an iotflow worker consumes the same topic: validation,
    the registry check, dedup marks and accounts in RocksDB with changelogs, the same sink. Its
    peak RSS is sampled. The bench's devices are registered before the preload; the worker's
    time includes taking their registrations from device-events (its telemetry waits for them).
@@ -24,6 +28,7 @@ import dataclasses
 import json
 import os
 import subprocess
+import sys
 import tempfile
 import time
 import uuid
@@ -39,6 +44,7 @@ from iotflow.kafka_admin import ensure_topics
 from iotflow.migrate import migrator
 from iotflow.registry import provision
 from iotflow.settings import Settings
+from iotflow.sinks import timescale
 from iotflow.sinks.timescale import MeasurementSink
 from iotflow.stack import services as stack_services
 from iotflow.stack.base import free_loopback_port, read_pid
@@ -46,6 +52,7 @@ from iotflow.testing import WorkerProcess, http_get_json, rss_kib
 
 DEVICES = 50
 SCALING_DEVICES = 1000
+OPPONENTS = Path(__file__).resolve().parents[1] / "bench"  # the checkout's bench/ (iotflow is installed editable)
 
 
 def _payload(device_id: str, seq: int, ts_ms: int) -> bytes:
@@ -103,6 +110,34 @@ async def _baseline(settings: Settings, count: int) -> float:
     finally:
         await consumer.stop()
         await sink.stop()
+
+
+def _opponent_python() -> Path:
+    """The python of ``.bench-venv``, with bench/requirements-quix.txt installed (again when that file
+    changes): the opponent's packages stay out of iotflow's own environment."""
+    requirements = OPPONENTS / "requirements-quix.txt"
+    if not requirements.is_file():
+        raise RuntimeError(f"{requirements} is missing: run the bench from a checkout (pip install -e .)")
+    venv = OPPONENTS.parent / ".bench-venv"
+    python, stamp = venv / "bin" / "python", venv / "installed-requirements.txt"
+    if not (stamp.is_file() and stamp.read_text() == requirements.read_text()):
+        subprocess.run([sys.executable, "-m", "venv", "--clear", str(venv)], check=True, timeout=300)
+        subprocess.run([str(python), "-m", "pip", "install", "-q", "-r", str(requirements)], check=True, timeout=1200)
+        stamp.write_text(requirements.read_text())
+    return python
+
+
+def _quix_rate(bench: Settings, count: int) -> float:
+    """(q) messages/s of the Quix Streams opponent on the preloaded topic (bench/quix_opponent.py)."""
+    env = {**os.environ, "BENCH_DSN": bench.tsdb_dsn, "BENCH_STAGE": timescale.STAGE,
+           "BENCH_STAGE_SQL": timescale.CREATE_STAGE, "BENCH_MOVE_SQL": timescale.MOVE}
+    done = subprocess.run(
+        [str(_opponent_python()), str(OPPONENTS / "quix_opponent.py"), "--bootstrap", bench.kafka_bootstrap,
+         "--topic", topics.name(bench, topics.SENSOR_DATA), "--messages", str(count)],
+        env=env, capture_output=True, text=True, timeout=3600)
+    if done.returncode != 0:
+        raise RuntimeError(f"the Quix Streams opponent failed ({done.returncode}): {done.stderr[-3000:]}")
+    return float(json.loads(done.stdout.strip().splitlines()[-1])["rate"])
 
 
 def _from_ms(ms: int):
@@ -174,10 +209,15 @@ def run(settings: Settings, messages: int) -> dict[str, object]:
                           device_type="bench"))
     asyncio.run(_preload(bench, device_prefix, messages))
 
+    def delete_rows() -> None:
+        asyncio.run(_sql(bench.tsdb_dsn, "DELETE FROM sensor_measurements WHERE device_id LIKE $1", device_prefix + "%"))
+
     raw_rate = asyncio.run(_baseline(bench, messages))
+    delete_rows()
+    quix_rate = _quix_rate(bench, messages)
     floor_rate = _floor_rate(bench, messages, "agent")
     batch_floor_rate = _floor_rate(bench, messages, "batch")
-    asyncio.run(_sql(bench.tsdb_dsn, "DELETE FROM sensor_measurements WHERE device_id LIKE $1", device_prefix + "%"))
+    delete_rows()
 
     with bench_worker(bench) as worker:
         started = time.monotonic()
@@ -208,8 +248,10 @@ def run(settings: Settings, messages: int) -> dict[str, object]:
         "raw_baseline_msgs_per_s": round(raw_rate),
         "faust_floor_msgs_per_s": round(floor_rate),
         "batch_floor_msgs_per_s": round(batch_floor_rate),
+        "quix_msgs_per_s": round(quix_rate),
         "iotflow_msgs_per_s": round(iotflow_rate),
         "ratio": round(iotflow_rate / raw_rate, 3),
+        "iotflow_vs_quix": round(iotflow_rate / quix_rate, 3),
         "floor_ratio": round(floor_rate / raw_rate, 3),
         "batch_floor_ratio": round(batch_floor_rate / raw_rate, 3),
         "worker_peak_rss_mib": round(peak / 1024, 1),
