@@ -361,7 +361,7 @@ def run_soak(settings: Settings, messages: int, window_s: float) -> dict[str, ob
     device_prefix = f"soak{run_id}-"
     asyncio.run(provision(bench, [f"{device_prefix}{i}" for i in range(DEVICES)], device_type="bench"))
     asyncio.run(_preload(bench, device_prefix, messages))
-    samples: list[tuple[int, int]] = []  # (messages received, RSS in KiB)
+    samples: list[tuple[int, int, float]] = []  # (messages received, RSS in KiB, seconds since ready)
     with bench_worker(bench, env={"IOTFLOW_DEDUP_WINDOW_S": str(window_s)}) as worker:
         pid = cast(subprocess.Popen, worker.proc).pid
         started = time.monotonic()
@@ -374,19 +374,22 @@ def run_soak(settings: Settings, messages: int, window_s: float) -> dict[str, ob
             except OSError:  # no answer within 10 s: the loop was busy that long; ask again
                 unanswered += 1
             slowest = max(slowest, time.monotonic() - asked)
-            samples.append((received, rss_kib(pid)))
+            samples.append((received, rss_kib(pid), time.monotonic() - started))
             time.sleep(2.0)
         elapsed = time.monotonic() - started
         expired, held = worker.metric("iotflow_dedup_marks_expired_total"), worker.metric("iotflow_dedup_marks")
-    by_tenth = {f"{10 * (i + 1)}%": round(next(rss for got, rss in samples if got >= messages * (i + 1) / 10) / 1024, 1)
+    by_tenth = {f"{10 * (i + 1)}%": round(next(rss for got, rss, _ in samples if got >= messages * (i + 1) / 10) / 1024, 1)
                 for i in range(10)}
-    first = max(rss for got, rss in samples if got <= messages / 2)
-    second = max(rss for got, rss in samples if got > messages / 2)
+    by_minute = [round(next(rss for _, rss, at in samples if at >= minute * 60) / 1024, 1)
+                 for minute in range(int(samples[-1][2] // 60) + 1)]
+    first = max(rss for got, rss, _ in samples if got <= messages / 2)
+    second = max(rss for got, rss, _ in samples if got > messages / 2)
     return {
         "messages": messages,
         "dedup_window_s": window_s,
         "msgs_per_s": round(messages / elapsed),
         "rss_mib_by_share_received": by_tenth,
+        "rss_mib_each_minute": by_minute,
         "peak_rss_first_half_mib": round(first / 1024, 1),
         "peak_rss_second_half_mib": round(second / 1024, 1),
         "second_half_over_first": round(second / first, 3),
