@@ -11,9 +11,11 @@ ingest agent, two of those per message were most of its time (docs/performance.m
    batch per partition through the app's aiokafka producer, or record by record through Faust's
    transaction manager under ``exactly_once`` (it picks the transactional producer whose
    transaction commits with the source partition's offsets);
-2. once Kafka has acknowledged them, they are applied to the local store with
-   ``Collection.apply_changelog_batch`` — the very call a standby or a restoring worker makes
-   for the same records — which also records the changelog offset as persisted.
+2. once Kafka has acknowledged them, they are applied to the local store as a standby or a
+   restoring worker applies the same records, recording the changelog offset as persisted: on
+   Faust's RocksDB store (rocksdict) as one write batch per partition that carries the persisted
+   offset too (Faust's ``apply_changelog_batch`` writes it after the records, and would want a
+   record object per changelog record), on any other store through ``apply_changelog_batch``.
 
 So the local store never holds what the changelog does not, and a crash anywhere leaves state
 that replaying the source topic repairs (the callers keep invariants 2 and 3 that way; see
@@ -28,6 +30,7 @@ import itertools
 from typing import Generic, NamedTuple, Protocol, TypeVar
 
 import faust
+import rocksdict
 import structlog
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError
@@ -41,6 +44,14 @@ log = structlog.get_logger(__name__)
 V = TypeVar("V")
 
 _Write = tuple[int, bytes | None]  # (partition, encoded value or None for a delete)
+
+
+class _Acked(NamedTuple):
+    """Changelog records Kafka acknowledged in one partition, at consecutive offsets from ``base``."""
+
+    partition: int
+    base: int
+    records: list[tuple[bytes, bytes | None]]
 
 
 class _Applied(NamedTuple):
@@ -113,12 +124,12 @@ class TableBatch(Generic[V]):
         caller can retry it without reads going back to older values.
         """
         if batch:
-            self.table.apply_changelog_batch(await self._produce(batch))
+            apply_acknowledged(self.table, self.table.changelog_topic.get_topic_name(), await self._produce(batch))
         for key, write in batch.items():
             if self._in_flight.get(key) is write:
                 del self._in_flight[key]
 
-    async def _produce(self, batch: dict[bytes, _Write]) -> list[_Applied]:
+    async def _produce(self, batch: dict[bytes, _Write]) -> list[_Acked]:
         producer = await self.app.maybe_start_producer()
         topic = self.table.changelog_topic.get_topic_name()
         if not self.app.in_transaction:
@@ -127,11 +138,36 @@ class TableBatch(Generic[V]):
         # transaction commits with the source partition's offsets): record by record.
         futures = [await producer.send(topic, key, value, partition, None, None)
                    for key, (partition, value) in batch.items()]
-        return [_Applied(key, value, meta.topic_partition.partition, meta.offset, TP(topic, meta.topic_partition.partition))
+        return [_Acked(meta.topic_partition.partition, meta.offset, [(key, value)])
                 for (key, (_, value)), meta in zip(batch.items(), await asyncio.gather(*futures))]
 
 
-async def _send_batches(producer: AIOKafkaProducer, topic: str, batch: dict[bytes, _Write]) -> list[_Applied]:
+def apply_acknowledged(table: faust.Table, topic: str, acked: list[_Acked]) -> None:
+    """Apply changelog records Kafka acknowledged to ``table``'s local store (step 2 above)."""
+    store = table.data
+    if isinstance(store, SerializedStore) and getattr(store, "use_rocksdict", False):
+        for run in acked:
+            if run.records:
+                store._db_for_partition(run.partition).write(rocksdb_write(run, store.offset_key))
+        return
+    table.apply_changelog_batch([_Applied(key, value, run.partition, run.base + place, TP(topic, run.partition))
+                                 for run in acked for place, (key, value) in enumerate(run.records)])
+
+
+def rocksdb_write(run: _Acked, offset_key: bytes) -> rocksdict.WriteBatch:
+    """One partition's acknowledged records and their last offset as the persisted one, in one write
+    (recovery and standbys read the changelog on from the persisted offset)."""
+    batch = rocksdict.WriteBatch(raw_mode=True)
+    for key, value in run.records:
+        if value is None:
+            batch.delete(key)
+        else:
+            batch.put(key, value)
+    batch.put(offset_key, str(run.base + len(run.records) - 1).encode())
+    return batch
+
+
+async def _send_batches(producer: AIOKafkaProducer, topic: str, batch: dict[bytes, _Write]) -> list[_Acked]:
     """Produce ``batch`` as one record batch per partition (more where one would pass the producer's
     batch size): aiokafka's ``send`` per record looks the topic's metadata up, makes a future and
     appends to its accumulator each time — a fifth of the ingest worker's time when every message
@@ -152,11 +188,7 @@ async def _send_batches(producer: AIOKafkaProducer, topic: str, batch: dict[byte
                     raise ValueError(f"a record of {topic} is larger than the producer's batch size")
             held.append((key, value))
         sent.append((await producer.send_batch(builder, topic, partition=partition), partition, held))
-    applied: list[_Applied] = []
-    for future, partition, held in sent:
-        base, tp = (await future).offset, TP(topic, partition)
-        applied.extend(_Applied(key, value, partition, base + place, tp) for place, (key, value) in enumerate(held))
-    return applied
+    return [_Acked(partition, (await future).offset, held) for future, partition, held in sent]
 
 
 def stored(table: faust.Table, partition: int, key: bytes) -> bytes | None:

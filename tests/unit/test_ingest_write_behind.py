@@ -11,7 +11,7 @@ from iotflow.dedup import DeviceAccount, LatestValues, Mark
 from iotflow.devices import DeviceStatus
 from iotflow.ingest import IngestPipeline
 from iotflow.parking import ParkingLot
-from iotflow.tables.batched import TableBatch
+from iotflow.tables.batched import TableBatch, _Acked
 from iotflow.telemetry import Limits
 
 
@@ -32,7 +32,8 @@ class Batches(TableBatch):
     """The real TableBatch on a plain dict: its changelog writes are recorded, not produced."""
 
     def __init__(self, name: str, log: list[str], codec) -> None:
-        table = SimpleNamespace(data=SimpleNamespace(data={}), apply_changelog_batch=self._apply)
+        table = SimpleNamespace(data=SimpleNamespace(data={}), apply_changelog_batch=self._apply,
+                                changelog_topic=SimpleNamespace(get_topic_name=lambda: f"{name}-changelog"))
         super().__init__(None, table, codec)  # type: ignore[arg-type]
         self.name, self.log = name, log
 
@@ -42,14 +43,14 @@ class Batches(TableBatch):
 
     async def _produce(self, batch):
         self.log.append(f"{self.name}:{len(batch)}")
-        return list(batch.items())
+        return [_Acked(partition, 0, [(key, value)]) for key, (partition, value) in batch.items()]
 
     def _apply(self, records) -> None:
-        for key, (_, value) in records:
-            if value is None:
-                self.stored.pop(key, None)
+        for record in records:
+            if record.value is None:
+                self.stored.pop(record.key, None)
             else:
-                self.stored[key] = value
+                self.stored[record.key] = record.value
 
 
 def telemetry(seq: int) -> bytes:
