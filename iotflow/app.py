@@ -77,7 +77,8 @@ def create_app(settings: Settings) -> faust.App:
         processing_guarantee=settings.processing_guarantee,
         table_standby_replicas=settings.table_standby_replicas,
         # Faust's worker with a drain on SIGTERM (iotflow/worker.py).
-        Worker=type("Worker", (DrainingWorker,), {"drain_s": settings.shutdown_drain_s}),
+        Worker=type("Worker", (DrainingWorker,), {"drain_s": settings.shutdown_drain_s,
+                                                  "gc_gen0_threshold": settings.gc_gen0_threshold}),
     )
     app.transport = Transport(app.conf.broker_consumer, app)
     app.flow_control = FlowControl(loop=app.loop)  # before any stream's queue registers with it

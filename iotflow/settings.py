@@ -275,6 +275,7 @@ class Settings:
     )
     rocksdb_block_cache_mib: int = _setting(8, _positive_int, "RocksDB block cache per table partition (MiB)")
     rocksdb_write_buffer_mib: int = _setting(4, _positive_int, "RocksDB write buffer per table partition (MiB; two of them at most)")
+    gc_gen0_threshold: int = _setting(50_000, _positive_int, "allocations between two young-generation collections of Python's garbage collector in the worker (Python's default: 700); objects made at start are frozen out of collections")
     sink_batch_size: int = _setting(2000, _positive_int, "rows per COPY batch into sensor_measurements")
     sink_flush_interval_s: float = _setting(0.5, _positive_seconds, "longest a row waits for its batch")
     pg_pool_size: int = _setting(4, _positive_int, "connections per worker to each database")
