@@ -140,6 +140,10 @@ class IngestPipeline:
             return  # not indexed: the next message after the assignment starts over
         if assignment != self._assignment:
             return  # partitions were assigned meanwhile: the next message starts over
+        # Marks not in the store yet (decided after a pass that was thrown away, or being written):
+        # the pass read the store only.
+        for key, mark in self.marks.unwritten():
+            expiry.add(key, mark)
         self._expiry, self._indexed = expiry, True
         log.info("dedup_expiry_indexed", marks=len(expiry), seconds=round(time.monotonic() - started, 3))
 

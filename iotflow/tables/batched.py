@@ -97,6 +97,15 @@ class TableBatch(Generic[V]):
         raw = self._in_flight[key][1] if key in self._in_flight else stored(self.table, partition, key)
         return None if raw is None else self.codec.decode(raw)
 
+    def unwritten(self) -> list[tuple[bytes, V]]:
+        """The values set but not yet in the local store (pending, or taken and being written);
+        deletes left out."""
+        decode = self.codec.decode
+        found = [(key, value) for key, (_, value) in self._pending.items() if value is not None]
+        found += [(key, decode(raw)) for key, (_, raw) in self._in_flight.items()
+                  if raw is not None and key not in self._pending]
+        return found
+
     @property
     def pending(self) -> int:
         """Keys set since the last :meth:`take`."""

@@ -63,3 +63,19 @@ def test_a_store_changing_under_the_pass_leaves_the_index_to_be_rebuilt():
     pipeline.marks.table.items = restored_marks(during=during)
     asyncio.run(pipeline._index_restored_marks())
     assert not pipeline._indexed
+
+
+def test_marks_decided_but_not_yet_in_the_store_are_indexed_too():
+    # A pass that an assignment overtook is thrown away, but the message that started it is still
+    # decided: its mark waits in the batch, not in the store, when the next pass reads the store.
+    pipeline, *_ = rig(batch_size=100)
+    pipeline._indexed = False
+    pipeline.marks.table.items = restored_marks(10, during=lambda: pipeline.on_partitions_assigned({0}))
+    message = rig()[-1]
+    asyncio.run(pipeline.handle(message(100)))  # its pass is discarded; the message is decided
+    assert not pipeline._indexed and pipeline.marks.pending == 1
+    pipeline.marks.table.items = restored_marks(10)
+    asyncio.run(pipeline.handle(message(101)))
+    assert pipeline._indexed
+    indexed = {key for heap in pipeline._expiry._heaps.values() for _, key in heap}
+    assert {b"d1/m100", b"d1/m101"} <= indexed  # m100 was in the batch only, never in the store
