@@ -26,22 +26,20 @@ import psycopg
 from quixstreams import Application
 from quixstreams.sinks import BatchingSink, SinkBatch
 
-COLUMNS = ("time", "device_id", "metric", "value", "msg_id", "seq")
-
 
 class MeasurementSink(BatchingSink):
-    def __init__(self, dsn: str, stage_sql: str, move_sql: str, stage: str, target: int, done) -> None:
+    def __init__(self, dsn: str, stage_sql: str, move_sql: str, copy_sql: str, target: int, done) -> None:
         super().__init__()
         self.conn = psycopg.connect(dsn, autocommit=True)
         self.conn.execute(stage_sql)
-        self.move_sql, self.stage = move_sql, stage
+        self.move_sql, self.copy_sql = move_sql, copy_sql
         self.target, self.done = target, done
         self.messages = 0
 
     def write(self, batch: SinkBatch) -> None:
         with self.conn.transaction():
             with self.conn.cursor() as cur:
-                with cur.copy(f"COPY {self.stage} ({', '.join(COLUMNS)}) FROM STDIN") as copy:
+                with cur.copy(self.copy_sql) as copy:
                     for item in batch:
                         body = item.value
                         when = datetime.fromtimestamp(body["ts"] / 1000, UTC)
@@ -60,7 +58,7 @@ def main() -> None:
     parser.add_argument("--messages", type=int, required=True)
     args = parser.parse_args()
     dsn, stage_sql, move_sql = os.environ["BENCH_DSN"], os.environ["BENCH_STAGE_SQL"], os.environ["BENCH_MOVE_SQL"]
-    stage = os.environ["BENCH_STAGE"]
+    copy_sql = os.environ["BENCH_COPY_SQL"]  # into the staging table, in iotflow's sink's column order
     first_read: list[float] = []
     finished: list[float] = []
 
@@ -82,7 +80,7 @@ def main() -> None:
             state.set(msg_id, 1)
             return True
 
-        sink = MeasurementSink(dsn, stage_sql, move_sql, stage, args.messages, done)
+        sink = MeasurementSink(dsn, stage_sql, move_sql, copy_sql, args.messages, done)
         sdf = app.dataframe(app.topic(args.topic, value_deserializer="json"))
         sdf.filter(first_seen, stateful=True).sink(sink)
         app.run()

@@ -129,8 +129,9 @@ def _opponent_python() -> Path:
 
 def _quix_rate(bench: Settings, count: int) -> float:
     """(q) messages/s of the Quix Streams opponent on the preloaded topic (bench/quix_opponent.py)."""
-    env = {**os.environ, "BENCH_DSN": bench.tsdb_dsn, "BENCH_STAGE": timescale.STAGE,
-           "BENCH_STAGE_SQL": timescale.CREATE_STAGE, "BENCH_MOVE_SQL": timescale.MOVE}
+    env = {**os.environ, "BENCH_DSN": bench.tsdb_dsn, "BENCH_STAGE_SQL": timescale.CREATE_STAGE,
+           "BENCH_COPY_SQL": f"COPY {timescale.STAGE} ({', '.join(timescale.COLUMNS)}) FROM STDIN",
+           "BENCH_MOVE_SQL": timescale.MOVE}
     done = subprocess.run(
         [str(_opponent_python()), str(OPPONENTS / "quix_opponent.py"), "--bootstrap", bench.kafka_bootstrap,
          "--topic", topics.name(bench, topics.SENSOR_DATA), "--messages", str(count)],
