@@ -151,7 +151,7 @@ def create_app(settings: Settings) -> faust.App:
     firmware_views.register(app, FirmwareCatalogue(registry), guard)
     flag_views.register(app, Flags(registry.connection), guard)
     audit_views.register(app, registry, guard)
-    health.register_readiness(app, registry_pool, cache)
+    health.register_readiness(app, registry_pool, cache, measurements_pool)
     observability.register(app, settings, ingest_pipeline,
                            {"sink": sink.pool, "registry": registry_pool, "measurements": measurements_pool})
 

@@ -9,7 +9,8 @@
     ├── Unauthorized           no valid bearer token (401)
     ├── Forbidden              a valid token whose role does not allow the request (403)
     ├── SinkUnavailable        retriable: the database is down, slow or failing over
-    │   └── CircuitOpen        retriable: the breaker refuses calls for retry_after seconds
+    │   ├── CircuitOpen        retriable: the breaker refuses calls for retry_after seconds
+    │   └── SchemaBehind       retriable: the database lacks a migration this release writes through
     ├── SinkRejected           not retriable: the database refused these rows
     ├── RegistryUnavailable    retriable: the device registry's database cannot answer now (503)
     ├── DeviceNotFound         no device with this id, or it was deleted (404)
@@ -58,6 +59,12 @@ class CircuitOpen(SinkUnavailable):
         self.name = name
         self.retry_after = max(0.0, retry_after)
         super().__init__(f"circuit {name!r} is open; retry in {self.retry_after:.1f}s")
+
+
+class SchemaBehind(SinkUnavailable):
+    """The sink's statements name a table, column or function the database does not have: a
+    migration of this release is not applied (``iotflow migrate up``). Not the rows' fault, so they
+    wait (the agent blocks, Kafka keeps them) instead of going to the DLQ."""
 
 
 class SinkRejected(IotflowError):

@@ -42,7 +42,8 @@ SINK_BATCH_ROWS = Histogram(
 )
 SINK_ERRORS = Counter(
     "iotflow_sink_errors_total",
-    "Failed sink writes by kind (retriable: retried with backoff; rejected: the batch was refused and split).",
+    "Failed sink writes by kind (retriable: retried with backoff; schema: a migration is missing, retried until it is applied; "
+    "rejected: the batch was refused and split).",
     ["kind"],
 )
 E2E_LATENCY = Histogram(

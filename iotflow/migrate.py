@@ -161,6 +161,15 @@ class Migrator:
             raise MigrationError(f"{path.name}: {exc.__class__.__name__}: {exc}") from exc
 
 
+async def missing(conn: asyncpg.Connection, versions: list[int]) -> list[int]:
+    """Which of ``versions`` the database behind ``conn`` has not applied (read-only, no lock: the
+    worker's readiness asks it). All of them on a database no migration ever ran on."""
+    if not await conn.fetchval("SELECT to_regclass('iotflow_schema_migrations') IS NOT NULL"):
+        return list(versions)
+    applied = {r["version"] for r in await conn.fetch("SELECT version FROM iotflow_schema_migrations")}
+    return [v for v in versions if v not in applied]
+
+
 def migrator(settings: Settings, directory: Path | None = None) -> Migrator:
     """The migrator for the time-series database (where ``sensor_measurements`` lives)."""
     # DDL may take longer than a statement of the hot path; a minute bounds it still.

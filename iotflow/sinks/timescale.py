@@ -16,8 +16,11 @@ How one batch is written (the heart of invariants 1-3):
 Retriable failures (connection lost, timeouts, shutdown, failover, serialisation) are retried with
 exponential backoff and full jitter for as long as it takes; while they last the agent blocks and
 Kafka holds the backlog (backpressure with bounded memory). A circuit breaker stops hammering a
-database that is down. Anything else is :class:`SinkRejected`: the caller decides (the ingest
-agent splits the batch and sends the rows the database refuses to the DLQ).
+database that is down. A table, column or function the statements need and the database lacks is
+:class:`SchemaBehind` (a migration of this release not applied): retried the same way, since the
+rows are not at fault — the worker's readiness names the missing migrations. Anything else is
+:class:`SinkRejected`: the caller decides (the ingest agent splits the batch and sends the rows the
+database refuses to the DLQ).
 """
 from __future__ import annotations
 
@@ -31,7 +34,7 @@ from tenacity import AsyncRetrying, retry_if_exception, wait_random_exponential
 
 from iotflow import metrics
 from iotflow.breaker import CircuitBreaker, State
-from iotflow.errors import CircuitOpen, SinkRejected, SinkUnavailable
+from iotflow.errors import CircuitOpen, SchemaBehind, SinkRejected, SinkUnavailable
 from iotflow.pg import LazyPool, is_transient
 
 log = structlog.get_logger(__name__)
@@ -58,6 +61,8 @@ MOVE = (
 )
 
 _NO_PARTITION = "23514"  # check_violation: raised for a row with no partition to go to
+# undefined_table, undefined_column, undefined_function: the schema is older than this release.
+_SCHEMA_BEHIND = frozenset({"42P01", "42703", "42883"})
 
 
 def is_retriable(exc: BaseException) -> bool:
@@ -139,6 +144,11 @@ class MeasurementSink:
                 # A day without a partition (upkeep has not run yet): make it and try again.
                 await self.ensure_partitions()
                 raise SinkUnavailable(str(exc)) from exc
+            if isinstance(exc, asyncpg.PostgresError) and exc.sqlstate in _SCHEMA_BEHIND:
+                # Not the breaker's business: the database answers, it is the schema that is old.
+                metrics.SINK_ERRORS.labels("schema").inc()
+                log.error("sink_schema_behind", error=str(exc), detail="run `iotflow migrate up`; the batch waits")
+                raise SchemaBehind(f"{exc.__class__.__name__}: {exc} (run `iotflow migrate up`)") from exc
             metrics.SINK_ERRORS.labels("rejected").inc()
             raise SinkRejected(f"{exc.__class__.__name__}: {exc}") from exc
         self.breaker.record_success()

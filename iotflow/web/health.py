@@ -6,10 +6,14 @@ Readiness, each check bounded by its own short timeout and timed:
   restoring tables from their changelogs, and able to route every table's keys to their owners
   (else it cannot serve table views or make progress);
 - ``postgres``: the registry database answers ``SELECT 1``;
+- ``schema``: the time-series database has every migration of this release applied (``schema/``
+  beside the code). A worker deployed before ``iotflow migrate up`` holds its telemetry back (the
+  sink's statements fail as :class:`~iotflow.errors.SchemaBehind` and are retried) and says so here,
+  so a rolling deploy stops at it instead of taking the old workers out of rotation;
 - ``redis``: answers ``PING``. Redis is a cache: when it does not answer the worker is still
   ready, ``"degraded"``, with the reason.
 
-200 with ``status`` ``ready`` or ``degraded``; 503 with ``unready`` when Kafka or PostgreSQL fails,
+200 with ``status`` ``ready`` or ``degraded``; 503 with ``unready`` when Kafka, PostgreSQL or the schema fails,
 and 503 ``draining`` from SIGTERM on (iotflow/worker.py), whatever the checks say.
 """
 from __future__ import annotations
@@ -23,6 +27,7 @@ from faust.exceptions import NotReady
 from faust.web import Request, Response, View
 
 from iotflow.cache import DeviceCache
+from iotflow.migrate import default_dir, discover, missing
 from iotflow.pg import LazyPool
 from iotflow.web.routing import reload_changelog_metadata
 from iotflow.worker import draining
@@ -38,7 +43,9 @@ def register(app: faust.App) -> None:
         return self.json({"status": "ok", "uptime_s": round(time.monotonic() - started, 3)})
 
 
-def register_readiness(app: faust.App, postgres: LazyPool, cache: DeviceCache) -> None:
+def register_readiness(app: faust.App, postgres: LazyPool, cache: DeviceCache, measurements: LazyPool) -> None:
+    release = [m.version for m in discover(default_dir())]
+
     async def kafka() -> str:
         # Faust counts a rebalance as going on until the tables are restored: the more telling reason first.
         if app.in_recovery:
@@ -60,18 +67,26 @@ def register_readiness(app: faust.App, postgres: LazyPool, cache: DeviceCache) -
         await postgres.ping(CHECK_TIMEOUT_S)
         return "answers"
 
+    async def schema() -> str:
+        async with measurements.acquire(await measurements.get()) as conn:
+            behind = await missing(conn, release)
+        if behind:
+            names = ", ".join(f"{v:04d}" for v in behind)
+            raise RuntimeError(f"behind this release: {names} not applied; run `iotflow migrate up`")
+        return f"{len(release)} migrations applied"
+
     async def redis() -> str:
         await cache.ping(CHECK_TIMEOUT_S)
         return "answers"
 
     @app.page("/health/ready")
     async def ready(self: View, request: Request) -> Response:
-        names = ("kafka", "postgres", "redis")
-        results = await asyncio.gather(*(_timed(check) for check in (kafka, database, redis)))
+        names = ("kafka", "postgres", "schema", "redis")
+        results = await asyncio.gather(*(_timed(check) for check in (kafka, database, schema, redis)))
         checks = dict(zip(names, results))
         if draining(app).active:
             status, code = "draining", 503  # stopping: take this worker out of rotation
-        elif checks["kafka"]["status"] != "ok" or checks["postgres"]["status"] != "ok":
+        elif any(checks[name]["status"] != "ok" for name in ("kafka", "postgres", "schema")):
             status, code = "unready", 503
         elif checks["redis"]["status"] != "ok":
             status, code = "degraded", 200

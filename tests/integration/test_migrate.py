@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from datetime import UTC, datetime, timedelta
 
 import asyncpg
@@ -16,6 +17,7 @@ from iotflow.pg import LazyPool
 from iotflow.registry import DeviceRegistry
 from iotflow.sinks import timescale
 from iotflow.sinks.timescale import MeasurementSink
+from iotflow.testing import dlq_messages, http_get_json, produce_telemetry, register, stored_messages, wait_for
 
 
 async def partitions(dsn: str) -> int:
@@ -196,3 +198,40 @@ def test_the_sink_counts_the_messages_it_stores_per_device_and_0007_counts_those
     assert (first, again) == (5, 0)
     assert counted == {"old-a": 3, "old-b": 1, "new-a": 2, "new-b": 1}
     assert stored == 2 + 3
+
+
+def test_a_worker_on_a_schema_behind_its_release_holds_telemetry_back_until_migrate_up(
+        settings: Settings, scratch_db: Settings, start_worker, run_id: str):
+    # Deployed before `iotflow migrate up` (or after `migrate down`): the sink's statement names a
+    # table 0007 makes. The rows are not at fault, so none may go to the DLQ as rejected; the
+    # worker says why it is unready and stores everything once the migration is applied.
+    m = migrator(scratch_db)
+    asyncio.run(m.up(target=_STORED_COUNTS - 1))
+    own = dataclasses.replace(settings, tsdb_dsn=scratch_db.tsdb_dsn, pg_dsn=scratch_db.pg_dsn)
+    devices = [f"behind-{run_id}-{i}" for i in range(3)]
+    asyncio.run(register(own, devices))
+    worker = start_worker(IOTFLOW_TSDB_DSN=own.tsdb_dsn, IOTFLOW_PG_DSN=own.pg_dsn)
+    worker.wait_ready()
+
+    def schema_check() -> dict | None:
+        status, body = http_get_json(f"{worker.url}/health/ready", timeout=5)
+        return body["checks"]["schema"] if body and body["checks"]["kafka"]["status"] == "ok" else None
+
+    check = wait_for(schema_check, timeout=60)
+    assert check and check["status"] == "failing" and "0007 not applied" in check["detail"], check
+    assert http_get_json(f"{worker.url}/health/ready", timeout=5)[0] == 503
+
+    sent = asyncio.run(produce_telemetry(own, devices, 20))
+    tried = wait_for(lambda: worker.metric('iotflow_sink_errors_total{kind="schema"') >= 2, timeout=60)
+    assert tried, worker.log_text()[-3000:]
+    assert "sink_schema_behind" in worker.log_text()
+    assert worker.metric('iotflow_sink_errors_total{kind="rejected"') == 0
+    assert asyncio.run(stored_messages(own, f"behind-{run_id}-")) == (0, 0)
+
+    assert [x.version for x in asyncio.run(m.up())] == [_STORED_COUNTS]
+    stored = wait_for(lambda: asyncio.run(stored_messages(own, f"behind-{run_id}-"))[1] == sent, timeout=90)
+    assert stored, asyncio.run(stored_messages(own, f"behind-{run_id}-"))
+    worker.wait_recovered(timeout=30)
+    assert http_get_json(f"{worker.url}/health/ready", timeout=5)[1]["checks"]["schema"]["status"] == "ok"
+    assert asyncio.run(dlq_messages(own)) == []
+    worker.assert_running("after its schema caught up")

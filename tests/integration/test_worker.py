@@ -74,7 +74,7 @@ def test_liveness_answers_200_and_readiness_checks_each_dependency(start_worker)
     ready = wait_for(lambda: (r := http_get_json(f"{worker.url}/health/ready"))[0] == 200 and r[1], timeout=30)
     assert ready and ready["status"] == "ready", ready
     assert {name: check["status"] for name, check in ready["checks"].items()} == {
-        "kafka": "ok", "postgres": "ok", "redis": "ok"}
+        "kafka": "ok", "postgres": "ok", "schema": "ok", "redis": "ok"}
     assert "partitions assigned" in ready["checks"]["kafka"]["detail"]
 
 

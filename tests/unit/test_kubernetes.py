@@ -92,3 +92,12 @@ def test_mqtt_is_tls_only_with_the_ca_mounted_and_each_account_from_the_secret()
         mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
         assert settings.mqtt_ca_file == mounts["mqtt-ca"] + "/ca.crt"
         assert {v["name"]: v for v in spec["volumes"]}["mqtt-ca"]["secret"]["secretName"] == "iotflow-mqtt-ca"
+
+
+def test_the_migrate_job_applies_the_schema_and_topics_with_the_workers_configuration():
+    job = documents()[("Job", "iotflow-migrate")]["spec"]["template"]["spec"]
+    container = job["containers"][0]
+    assert container["command"][-1] == "iotflow migrate up && iotflow topics create"
+    assert container["image"] == worker()["containers"][0]["image"]
+    assert container["envFrom"] == worker()["containers"][0]["envFrom"]
+    assert job["securityContext"]["runAsNonRoot"] is True
