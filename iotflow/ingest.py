@@ -65,6 +65,10 @@ class _Pending:
     device_s: float = 0.0  # the device's ts, for the end-to-end latency
 
 
+def _always(message: Message) -> bool:
+    return True
+
+
 class IngestPipeline:
     def __init__(
         self,
@@ -153,12 +157,19 @@ class IngestPipeline:
             metrics.DEDUP_EXPIRED.inc()
 
     @contextlib.asynccontextmanager
-    async def deciding(self) -> AsyncIterator[Callable[[Message], Awaitable[None]]]:
-        """A handler for the messages of one fetch, to be given them one at a time, in order. The
-        order lock is taken once for them all (the timer's tick waits for the fetch), and each
-        device's registry status is read once per fetch: its registration or deletion, which the
-        devices agent applies meanwhile, counts from the next fetch on — the two topics are never
-        ordered against each other anyway."""
+    async def deciding(self, current: Callable[[Message], bool] = _always) -> AsyncIterator[Callable[[Message], Awaitable[bool]]]:
+        """A handler for the messages of one fetch, to be given them one at a time, in order; it
+        answers whether it decided the message. The order lock is taken once for them all (the
+        timer's tick waits for the fetch), and each device's registry status is read once per fetch:
+        its registration or deletion, which the devices agent applies meanwhile, counts from the
+        next fetch on — the two topics are never ordered against each other anyway.
+
+        ``current(message)`` says whether the message still belongs to this worker's assignment
+        (the agent: its consumer generation is the current one and no rebalance has suspended the
+        flow). It is asked again after the waits that can last seconds before a message is decided
+        (rebuilding the expiry index; a full parking lot): a message that a rebalance overtook there
+        is left undecided — no table write of a partition that may be another worker's by then,
+        no acknowledgement — and its partition's next owner reads it again."""
         async with self._order:
             statuses: dict[bytes, DeviceStatus] = {}
             read = self.device_status
@@ -169,25 +180,28 @@ class IngestPipeline:
                     status = statuses[device_key] = read(partition, device_key)
                 return status
 
-            async def handle(message: Message) -> None:
-                await self._handle(message, status_of)
+            async def handle(message: Message) -> bool:
+                return await self._handle(message, status_of, current)
 
             yield handle
 
-    async def handle(self, message: Message) -> None:
+    async def handle(self, message: Message) -> bool:
         """Decide one message on its own (a fetch of one)."""
         async with self.deciding() as handle:
-            await handle(message)
+            return await handle(message)
 
-    async def _handle(self, message: Message, status_of: Callable[[int, bytes], DeviceStatus]) -> None:
+    async def _handle(self, message: Message, status_of: Callable[[int, bytes], DeviceStatus],
+                      current: Callable[[Message], bool]) -> bool:
         """Decide what one message is, queue its rows and table writes; flush when the batch is full.
-        The caller holds the order lock."""
+        The caller holds the order lock. False: left undecided (stopping, or overtaken by a rebalance)."""
         if self._closed:
-            return  # stopping: left unacknowledged, so the partition's next owner reads it
+            return False  # stopping: left unacknowledged, so the partition's next owner reads it
         partition = message.partition
         now_ms = int(self.clock() * 1000)
         if not self._indexed:
             await self._index_restored_marks()
+            if not current(message):
+                return False
         self._expire(partition, now_ms)
         await self._release_due(now_ms)
         while self._parked.full:
@@ -198,6 +212,8 @@ class IngestPipeline:
             now_ms = int(self.clock() * 1000)
             await self._release_due(now_ms)
             await self.flush()  # the timer's flush waits for this lock meanwhile
+            if not current(message):
+                return False
         device_key: bytes = message.key or b""
         if self._parked.holds(device_key):
             # Behind its device's waiting messages, invalid ones too: a device's messages are
@@ -207,6 +223,7 @@ class IngestPipeline:
             await self._decide(message, now_ms, status_of)
         if self._pending_rows >= self.batch_size or len(self._pending) >= 4 * self.batch_size:
             await self._write_behind()
+        return True
 
     async def close(self) -> None:
         """At shutdown, before the final commit: decide no more messages, make the queued batch

@@ -41,20 +41,28 @@ _STOP_FLUSH_TIMEOUT_S = 10.0
 async def decide_fetched(app: faust.App, pipeline: IngestPipeline, messages: list[Message]) -> int:
     """Track and decide ``messages`` (one fetch of sensor-data) in order; stop at the first one
     fetched before the current assignment, or once a rebalance has suspended the flow — the rest is
-    neither tracked nor decided, and the new assignment's seek reads it again. Returns how many
-    were decided."""
+    neither tracked nor decided, and the new assignment's seek reads it again. A message the
+    pipeline leaves undecided (a rebalance overtook it while it waited) ends the hand-off too.
+    Returns how many were decided."""
     consumer, flow = app.consumer, app.flow_control
     # What a stream's events tell Faust's monitor: without it, Faust's check of slow streams logs
     # "Stream has not started processing" at ERROR for every partition while a backlog is older
     # than stream_processing_timeout (seen in a 10M-message catch-up).
     inbound, now = app.monitor.stream_inbound_time, monotonic()
-    async with pipeline.deciding() as handle:
+
+    def current(message: Message) -> bool:
+        return message.generation_id == app.consumer_generation_id and flow.is_active()
+
+    async with pipeline.deciding(current) as handle:
         for done, message in enumerate(messages):
-            if message.generation_id != app.consumer_generation_id or not flow.is_active():
+            if not current(message):
                 return done
             consumer.track_message(message)
             inbound[message.tp] = now
-            await handle(message)
+            # Tracked and left undecided is harmless: Faust commits acknowledged offsets only, and
+            # the new assignment's copy of the record is tracked and acknowledged in its place.
+            if not await handle(message):
+                return done
     return len(messages)
 
 

@@ -79,3 +79,26 @@ def test_marks_decided_but_not_yet_in_the_store_are_indexed_too():
     assert pipeline._indexed
     indexed = {key for heap in pipeline._expiry._heaps.values() for _, key in heap}
     assert {b"d1/m100", b"d1/m101"} <= indexed  # m100 was in the batch only, never in the store
+
+
+def test_a_message_a_rebalance_overtakes_during_the_pass_is_left_undecided():
+    # The pass lets the loop run; a rebalance that starts meanwhile (Faust suspends the flow, the
+    # revocation flushes) may give the message's partition to another worker. Deciding it after
+    # that would write its mark and its device's account into a changelog partition now owned
+    # elsewhere: it is left to the partition's next owner instead.
+    pipeline, sink, (marks, accounts, latest), _log, acked, message = rig(batch_size=100)
+    pipeline._indexed = False
+    assignment = {"current": True}
+    pipeline.marks.table.items = restored_marks(10, during=lambda: assignment.update(current=False))
+
+    async def scenario() -> bool:
+        async with pipeline.deciding(lambda m: assignment["current"]) as handle:
+            return await handle(message(100))
+
+    assert asyncio.run(scenario()) is False
+    assert (marks.pending, accounts.pending, latest.pending) == (0, 0, 0)
+    assert pipeline._pending == [] and sink.writes == [] and acked == []
+    # Still current: the same message is decided (and the pass that ran for it is kept).
+    pipeline.marks.table.items = restored_marks(10)
+    assert asyncio.run(pipeline.handle(message(100))) is True
+    assert (accounts.pending, len(pipeline._pending)) == (1, 1) and marks.pending >= 1 and pipeline._indexed
