@@ -7,6 +7,7 @@ arrived in the database and in the DLQ.
 """
 from __future__ import annotations
 
+import asyncio
 import collections
 import json
 import os
@@ -263,16 +264,19 @@ async def register(settings: Settings, devices: list[str]) -> int:
     return await provision(settings, devices, device_type="test")
 
 
-async def produce(settings: Settings, messages: Iterable[tuple[bytes, bytes]]) -> int:
-    """Send (key, value) pairs to this test's sensor-data, acks=all; return how many."""
+async def produce(settings: Settings, messages: Iterable[tuple[bytes, bytes]], *, rate: float | None = None) -> int:
+    """Send (key, value) pairs to this test's sensor-data, acks=all, at most ``rate`` per second
+    when given; return how many."""
     producer = AIOKafkaProducer(bootstrap_servers=settings.kafka_bootstrap, acks="all",
                                 enable_idempotence=True, linger_ms=5)
     await producer.start()
-    sent = 0
+    sent, started = 0, time.monotonic()
     try:
         for key, value in messages:
             await producer.send(topics.name(settings, topics.SENSOR_DATA), value, key=key)
             sent += 1
+            if rate is not None and sent % 100 == 0:
+                await asyncio.sleep(max(0.0, started + sent / rate - time.monotonic()))
         await producer.flush()
     finally:
         await producer.stop()

@@ -63,6 +63,10 @@ records of a fetch made while a rebalance is under way (flow suspended) are not 
 those the handler leaves undecided when a rebalance starts are read again after the new
 assignment's seek, as records cleared from a stream's buffer are.
 
+And its table recovery asks the brokers where each changelog ends (:class:`ConsumerThread`):
+under ``exactly_once`` Faust read that from the last fetch response, which does not exist yet
+right after an assignment, and restored empty tables.
+
 Tied to faust-streaming 0.15.x internals (setup.cfg pins ``<0.16``);
 tests/integration/test_worker.py runs every worker through it.
 """
@@ -164,8 +168,26 @@ class FlowControl(FlowControlEvent):
         self._resume.set()
 
 
+class ConsumerThread(faust_aiokafka.AIOKafkaConsumerThread):
+    async def _highwaters(self, partitions: list[TP]) -> dict[TP, int]:
+        """Each partition's end as this consumer may read it, asked of the brokers.
+
+        Faust asks aiokafka's ``last_stable_offset`` under ``exactly_once``: what the last fetch
+        response said, ``None`` before any fetch of the partition — and the table recovery runs
+        right after an assignment, before any. It took ``None`` for an empty changelog and restored
+        nothing: a restarted exactly_once worker (which discards its RocksDB tables) started with
+        empty tables whenever its changelogs had not been fetched yet — every account zero after the
+        crash test's restarts. ``end_offsets`` sends a ListOffsets request with the consumer's
+        isolation level: read_committed under ``exactly_once``, so it answers the last stable offset."""
+        return dict(await self._ensure_consumer().end_offsets(partitions))
+
+
 class Consumer(faust_aiokafka.Consumer):
     _first_delivered: dict[TP, int]
+
+    def _new_consumer_thread(self) -> ConsumerThread:
+        return ConsumerThread(self, loop=self.loop, beacon=self.beacon)
+
     _seeking = False
     # (consumer generation, source partitions without a committed offset) as of the last seek
     _never_committed: tuple[int, frozenset[TP]] = (-1, frozenset())

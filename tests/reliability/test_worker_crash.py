@@ -3,9 +3,11 @@ restart it each time, then count rows: nothing lost, nothing stored twice, dedup
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import random
 import time
 
+import asyncpg
 import pytest
 
 from iotflow.testing import http_get_json, produce, register, stored_messages, telemetry, wait_for
@@ -31,7 +33,13 @@ def crash_run(settings, start_worker, run_id: str, chaos, *, devices: int, per_d
     def stored() -> int:
         return asyncio.run(stored_messages(settings, prefix))[1]
 
-    port = None
+    def counted() -> int:
+        """The sink's own count of the messages it stored (exact, and read in milliseconds where
+        counting the rows takes seconds on the test database): for timing the kills."""
+        return asyncio.run(_counted(settings.tsdb_dsn, prefix))
+
+    port, target = None, 0
+    sending = concurrent.futures.ThreadPoolExecutor(1)
     for kill in range(kills):
         worker = start_worker(fresh_state=(kill == 1), **env, **({"IOTFLOW_WEB_PORT": port} if port else {}))
         port = str(worker.web_port)
@@ -43,11 +51,19 @@ def crash_run(settings, start_worker, run_id: str, chaos, *, devices: int, per_d
             # (table_route without producer metadata) on a just-started broker.
             assert wait_for(lambda: worker.metric('iotflow_device_events_total{outcome="applied"') >= len(ids),
                             timeout=90), "the registrations were not applied"
-            asyncio.run(produce(settings, originals + retries))
-        before = stored()
-        wait_for(lambda: stored() > before + len(originals) // 50, timeout=120)
-        time.sleep(rng.uniform(0.0, 3.0))
+            # Sent over 20 s or more while the workers store and die: none can be through the run
+            # before its kill.
+            rate = max(1000.0, len(originals) / 20)
+            producing = sending.submit(lambda: asyncio.run(produce(settings, originals + retries, rate=rate)))
+        # Killed while it stores, 5-20% of the run after the previous kill (a kill after the last
+        # row would test nothing but the restore).
+        target += int(len(originals) * rng.uniform(0.05, 0.2))
+        assert wait_for(lambda: counted() >= target, timeout=120, interval=0.1), (
+            f"worker {kill} did not get to {target} stored messages (at {counted()})")
+        assert counted() < len(originals), "the run was over before the kill: make it longer"
         assert worker.kill() == -9
+    assert producing.result(timeout=300) == len(originals) + len(retries)
+    sending.shutdown()
 
     restarted = time.monotonic()
     final = start_worker(IOTFLOW_WEB_PORT=port, **env)
@@ -94,6 +110,15 @@ def test_three_kill_9s_during_a_run_lose_nothing_and_store_nothing_twice(setting
     assert after["duplicates"] - totals["duplicates"] == 100
     assert after["accepted"] == totals["accepted"]  # none of the retries was taken for new
     assert asyncio.run(stored_messages(settings, prefix)) == (rows, messages)
+
+
+async def _counted(dsn: str, prefix: str) -> int:
+    conn = await asyncpg.connect(dsn, timeout=10)
+    try:
+        return int(await conn.fetchval("SELECT coalesce(sum(messages), 0) FROM device_stored_messages "
+                                       "WHERE device_id LIKE $1", prefix + "%"))
+    finally:
+        await conn.close()
 
 
 def _fleet(worker) -> dict:
