@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import socket
+from typing import cast
 
 import faust
 import mode
@@ -34,7 +35,7 @@ from iotflow.sinks.timescale import MeasurementSink
 from iotflow.tables import devices as device_tables, ingest as ingest_tables, rollouts as rollout_tables
 from iotflow.tables.batched import TableBatch, stored, warm_changelog_metadata
 from iotflow.telemetry import Limits
-from iotflow.transport import FlowControl, Transport
+from iotflow.transport import Consumer, FlowControl, Transport
 from iotflow.worker import Worker as DrainingWorker
 from iotflow.web import audit as audit_views, console as console_views, devices, firmware as firmware_views, flags as flag_views, hardening, health, ingest as ingest_views, openapi, pipeline
 from iotflow.web.auth import Guard
@@ -104,7 +105,7 @@ def create_app(settings: Settings) -> faust.App:
         # Co-partitioned with sensor-data: a device's entry is in its telemetry's partition.
         device_status=lambda partition, key: registry_status(stored(registry_table, partition, key)),
         parked=ParkingLot(wait_s=settings.unknown_device_wait_s, max_messages=settings.unknown_device_max_parked),
-        ack=lambda message: message.ack(app.consumer),
+        ack=lambda messages: cast(Consumer, app.consumer).ack_all(messages),
         confirm=registry.confirm,  # devices the table does not know yet, asked of PostgreSQL
         limits=Limits(
             max_clock_skew=timedelta(seconds=settings.max_clock_skew_s),

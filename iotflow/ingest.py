@@ -80,7 +80,7 @@ class IngestPipeline:
         latest: TableBatch[LatestValues],
         device_status: Callable[[int, bytes], DeviceStatus],
         parked: ParkingLot[Message],
-        ack: Callable[[Message], object],
+        ack: Callable[[list[Message]], object],
         confirm: Callable[[list[bytes]], Awaitable[dict[bytes, DeviceStatus]]] | None = None,
         limits: Limits,
         batch_size: int,
@@ -96,7 +96,7 @@ class IngestPipeline:
         self.confirm = confirm
         self._confirm_resumes_at = float("-inf")
         self._parked = parked
-        self.ack = ack  # a message's rows are durable: Faust may commit its offset
+        self.ack = ack  # a batch's rows are durable: Faust may commit its messages' offsets
         self.limits = limits
         self.batch_size = batch_size
         self.window_ms = int(dedup_window_s * 1000)
@@ -422,9 +422,9 @@ class IngestPipeline:
         metrics.SINK_BATCH_ROWS.observe(len(rows))
         metrics.ROWS_STORED.inc(stored)
         await write_all((self.marks, marks), (self.accounts, accounts), (self.latest, latest))
+        self.ack([pending.message for pending in batch])
         now, observe, durable = time.time(), metrics.E2E_LATENCY.observe, self.durable_until
         for pending in batch:
-            self.ack(pending.message)
             message = pending.message
             if message.timestamp > durable.get(message.partition, 0.0):
                 durable[message.partition] = message.timestamp

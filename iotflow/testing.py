@@ -21,9 +21,10 @@ import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import asyncpg
+import faust
 import paho.mqtt.client as mqtt
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient
@@ -32,6 +33,7 @@ from iotflow import auth, topics
 from iotflow.mqtt_auth import Account, DynamicSecurity, account, configure
 from iotflow.registry import provision
 from iotflow.settings import Settings
+from iotflow.transport import Consumer, Transport
 
 READY_LINE = "Worker ready"
 
@@ -375,3 +377,10 @@ def cache_results(worker: WorkerProcess) -> collections.Counter:
     for result, value in re.findall(r'iotflow_cache_requests_total\{result="(\w+)"\} ([0-9.e+]+)', text):
         found[result] = int(float(value))
     return found
+
+
+def consumer_of(app: faust.App) -> Consumer:
+    """``app``'s consumer through iotflow's transport, installed as iotflow.app installs it (no
+    iotflow app made: its metrics would stay registered for the rest of the test session)."""
+    app.transport = Transport(app.conf.broker_consumer, app)
+    return cast(Consumer, app.consumer)

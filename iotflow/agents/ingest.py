@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 from time import monotonic
+from typing import cast
 
 import asyncpg
 import faust
@@ -30,7 +31,7 @@ from iotflow.sinks.timescale import MeasurementSink
 from iotflow.settings import Settings
 from iotflow import topics
 from iotflow.errors import SinkUnavailable
-from iotflow.transport import consume_in_batches
+from iotflow.transport import Consumer, consume_in_batches
 from iotflow.worker import draining
 
 log = structlog.get_logger(__name__)
@@ -44,7 +45,7 @@ async def decide_fetched(app: faust.App, pipeline: IngestPipeline, messages: lis
     neither tracked nor decided, and the new assignment's seek reads it again. A message the
     pipeline leaves undecided (a rebalance overtook it while it waited) ends the hand-off too.
     Returns how many were decided."""
-    consumer, flow = app.consumer, app.flow_control
+    consumer, flow = cast(Consumer, app.consumer), app.flow_control
     # What a stream's events tell Faust's monitor: without it, Faust's check of slow streams logs
     # "Stream has not started processing" at ERROR for every partition while a backlog is older
     # than stream_processing_timeout (seen in a 10M-message catch-up).
@@ -57,7 +58,7 @@ async def decide_fetched(app: faust.App, pipeline: IngestPipeline, messages: lis
         for done, message in enumerate(messages):
             if not current(message):
                 return done
-            consumer.track_message(message)
+            consumer.track_handed_over(message)
             inbound[message.tp] = now
             # Tracked and left undecided is harmless: Faust commits acknowledged offsets only, and
             # the new assignment's copy of the record is tracked and acknowledged in its place.

@@ -5,10 +5,13 @@ from __future__ import annotations
 
 import asyncio
 
+import faust
+
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
 from iotflow.settings import Settings
+from iotflow.testing import consumer_of
 from iotflow.transport import ConsumerThread
 
 
@@ -56,9 +59,11 @@ async def _end(settings: Settings, tp: TopicPartition) -> dict:
 
 
 def test_recovery_reads_where_the_committed_changelog_ends_before_any_fetch(settings: Settings):
-    from iotflow.app import create_app
-
-    assert type(create_app(settings).consumer._thread) is ConsumerThread  # what the workers run
+    loop = asyncio.new_event_loop()
+    thread = consumer_of(faust.App("highwaters-test", loop=loop))._thread
+    thread.thread_loop.close()  # never started here
+    loop.close()
+    assert type(thread) is ConsumerThread  # what the workers run
     before_any_fetch, ends, uncommitted = asyncio.run(_scenario(settings))
     assert before_any_fetch is None  # Faust's source: taken for an empty changelog
     # The end of what a read_committed reader may see: the committed records and their marker,

@@ -17,7 +17,7 @@ def _pipeline(confirm) -> IngestPipeline:
     table = SimpleNamespace(table={})
     return IngestPipeline(sink=None, dlq=None, marks=table, accounts=table, latest=table,  # type: ignore[arg-type]
                           device_status=lambda _partition, _key: DeviceStatus.UNKNOWN,
-                          parked=ParkingLot(wait_s=30, max_messages=10), ack=lambda _message: None, confirm=confirm,
+                          parked=ParkingLot(wait_s=30, max_messages=10), ack=lambda _messages: None, confirm=confirm,
                           limits=Limits(), batch_size=10, dedup_window_s=60)
 
 

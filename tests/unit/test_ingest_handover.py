@@ -17,7 +17,7 @@ class Rig:
         self.decided: list[int] = []
         self.active = True
         self.app = SimpleNamespace(consumer_generation_id=7,
-                                   consumer=SimpleNamespace(track_message=lambda m: self.tracked.append(m.offset)),
+                                   consumer=SimpleNamespace(track_handed_over=lambda m: self.tracked.append(m.offset)),
                                    flow_control=SimpleNamespace(is_active=lambda: self.active),
                                    monitor=SimpleNamespace(stream_inbound_time={}))
         self.pipeline = SimpleNamespace(deciding=self.deciding)

@@ -67,7 +67,7 @@ def rig(batch_size: int = 2):
     pipeline = IngestPipeline(sink=sink, dlq=None, marks=marks, accounts=accounts, latest=latest,  # type: ignore[arg-type]
                               device_status=lambda _p, _k: DeviceStatus.REGISTERED,
                               parked=ParkingLot(wait_s=30, max_messages=10),
-                              ack=lambda message: acked.append(message.offset), limits=Limits(),
+                              ack=lambda messages: acked.extend(m.offset for m in messages), limits=Limits(),
                               batch_size=batch_size, dedup_window_s=3600, clock=lambda: 1_796_040_000.0)
     pipeline._indexed = True
 
