@@ -167,7 +167,8 @@ class IngestPipeline:
         ``current(message)`` says whether the message still belongs to this worker's assignment
         (the agent: its consumer generation is the current one and no rebalance has suspended the
         flow). It is asked again after the waits that can last seconds before a message is decided
-        (rebuilding the expiry index; a full parking lot): a message that a rebalance overtook there
+        (rebuilding the expiry index; settling waiting devices, which may ask PostgreSQL or wait for
+        the previous batch's write; a full parking lot): a message that a rebalance overtook there
         is left undecided — no table write of a partition that may be another worker's by then,
         no acknowledgement — and its partition's next owner reads it again."""
         async with self._order:
@@ -203,7 +204,9 @@ class IngestPipeline:
             if not current(message):
                 return False
         self._expire(partition, now_ms)
-        await self._release_due(now_ms)
+        await self._release_due(now_ms)  # may wait: PostgreSQL asked about devices, a batch's write
+        if not current(message):
+            return False
         while self._parked.full:
             # Backpressure: take no more until waiting devices are settled (registered, or
             # out of time); Kafka keeps the backlog meanwhile.

@@ -54,7 +54,8 @@ class MigrationState:
 
 
 def default_dir() -> Path:
-    """``schema/`` beside the package (a checkout or the Docker image), else in the working folder."""
+    """``schema/`` beside the package (a checkout), else in the working folder (the Docker image's
+    /app, where its Dockerfile copies it)."""
     beside = Path(__file__).resolve().parents[1] / "schema"
     return beside if beside.is_dir() else Path("schema")
 

@@ -112,7 +112,8 @@ def consume_in_batches(app: Any, topic: TopicT, handler: BatchHandler) -> None:
     committed like any agent's), but have the fetcher hand its records to ``handler`` in fetch order,
     a fetch (at most ``_BATCH_MAX`` records) per call, instead of an ``Event`` per record through the
     conductor and a stream. ``handler`` tracks and acknowledges the records through Faust's consumer
-    (``consumer.track_message``, ``message.ack(consumer)``); the fetcher waits for it (backpressure)."""
+    (:meth:`Consumer.track_handed_over`, :meth:`Consumer.ack_all`); the fetcher waits for it
+    (backpressure)."""
     app.topics.add(topic)
     for name in topic.topics:
         batch_handlers_of(app)[name] = handler

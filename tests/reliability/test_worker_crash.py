@@ -38,32 +38,34 @@ def crash_run(settings, start_worker, run_id: str, chaos, *, devices: int, per_d
         counting the rows takes seconds on the test database): for timing the kills."""
         return asyncio.run(_counted(settings.tsdb_dsn, prefix))
 
-    port, target = None, 0
+    port, target, producing = None, 0, None
     sending = concurrent.futures.ThreadPoolExecutor(1)
-    for kill in range(kills):
-        worker = start_worker(fresh_state=(kill == 1), **env, **({"IOTFLOW_WEB_PORT": port} if port else {}))
-        port = str(worker.web_port)
-        worker.wait_ready()
-        if kill == 0:
-            # The fleet is in the registry table before its messages arrive (else they would wait
-            # for it, and a full parking lot would hold the run back). Counted from the registry
-            # agent's metric, not /state: under exactly_once /state has been seen answering 500
-            # (table_route without producer metadata) on a just-started broker.
-            assert wait_for(lambda: worker.metric('iotflow_device_events_total{outcome="applied"') >= len(ids),
-                            timeout=90), "the registrations were not applied"
-            # Sent over 20 s or more while the workers store and die: none can be through the run
-            # before its kill.
-            rate = max(1000.0, len(originals) / 20)
-            producing = sending.submit(lambda: asyncio.run(produce(settings, originals + retries, rate=rate)))
-        # Killed while it stores, 5-20% of the run after the previous kill (a kill after the last
-        # row would test nothing but the restore).
-        target += int(len(originals) * rng.uniform(0.05, 0.2))
-        assert wait_for(lambda: counted() >= target, timeout=120, interval=0.1), (
-            f"worker {kill} did not get to {target} stored messages (at {counted()})")
-        assert counted() < len(originals), "the run was over before the kill: make it longer"
-        assert worker.kill() == -9
-    assert producing.result(timeout=300) == len(originals) + len(retries)
-    sending.shutdown()
+    try:
+        for kill in range(kills):
+            worker = start_worker(fresh_state=(kill == 1), **env, **({"IOTFLOW_WEB_PORT": port} if port else {}))
+            port = str(worker.web_port)
+            worker.wait_ready()
+            if kill == 0:
+                # The fleet is in the registry table before its messages arrive (else they would wait
+                # for it, and a full parking lot would hold the run back). Counted from the registry
+                # agent's metric, not /state: under exactly_once /state has been seen answering 500
+                # (table_route without producer metadata) on a just-started broker.
+                assert wait_for(lambda: worker.metric('iotflow_device_events_total{outcome="applied"') >= len(ids),
+                                timeout=90), "the registrations were not applied"
+                # Sent over 20 s or more while the workers store and die: none can be through the run
+                # before its kill.
+                rate = max(1000.0, len(originals) / 20)
+                producing = sending.submit(lambda: asyncio.run(produce(settings, originals + retries, rate=rate)))
+            # Killed while it stores, 5-20% of the run after the previous kill (a kill after the last
+            # row would test nothing but the restore).
+            target += int(len(originals) * rng.uniform(0.05, 0.2))
+            assert wait_for(lambda: counted() >= target, timeout=120, interval=0.1), (
+                f"worker {kill} did not get to {target} stored messages (at {counted()})")
+            assert counted() < len(originals), "the run was over before the kill: make it longer"
+            assert worker.kill() == -9
+        assert producing is not None and producing.result(timeout=300) == len(originals) + len(retries)
+    finally:
+        sending.shutdown(wait=False, cancel_futures=True)  # after a failure the sender ends with its paced run
 
     restarted = time.monotonic()
     final = start_worker(IOTFLOW_WEB_PORT=port, **env)

@@ -38,6 +38,14 @@ def test_the_image_runs_a_faust_worker_of_iotflow():
     assert "-c constraints.txt" in dockerfile
 
 
+def test_the_image_carries_the_migrations_where_the_workers_look_for_them():
+    # The readiness check and `iotflow migrate up` read schema/ (iotflow.migrate.default_dir: beside
+    # the package, else in the working folder); an image without it would migrate nothing and
+    # report every schema current.
+    dockerfile = (DOCKER / "Dockerfile").read_text()
+    assert "WORKDIR /app" in dockerfile and "COPY schema ./schema" in dockerfile
+
+
 def production() -> dict:
     return yaml.safe_load((DOCKER / "compose.production.yaml").read_text())
 
