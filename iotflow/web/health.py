@@ -22,6 +22,7 @@ and 503 ``draining`` from SIGTERM on (iotflow/worker.py), whatever the checks sa
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
 from collections.abc import Awaitable, Callable
 
@@ -75,7 +76,7 @@ def register_readiness(app: faust.App, postgres: LazyPool, cache: DeviceCache, m
 
     async def schema() -> str:
         nonlocal current_until
-        release = [m.version for m in discover(default_dir())]
+        release = _release()
         if not release:
             raise RuntimeError(f"no migrations found in {default_dir().resolve()}: this release's schema/ is missing")
         if time.monotonic() < current_until:
@@ -111,6 +112,12 @@ def register_readiness(app: faust.App, postgres: LazyPool, cache: DeviceCache, m
             status, code = "ready", 200
         # Whether this worker leads the group (runs the outbox relay and the rollout orchestrator).
         return self.json({"status": status, "checks": checks, "leader": app.is_leader()}, status=code)
+
+
+@functools.cache
+def _release() -> list[int]:
+    """This release's migrations, read from ``schema/`` once (the probes come every few seconds)."""
+    return [m.version for m in discover(default_dir())]
 
 
 async def _missing(pool: LazyPool, release: list[int]) -> list[int]:
