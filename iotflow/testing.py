@@ -26,7 +26,7 @@ from typing import Any, cast
 import asyncpg
 import faust
 import paho.mqtt.client as mqtt
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 
 from iotflow import auth, topics
@@ -335,6 +335,26 @@ async def committed_offsets(settings: Settings, topic: str = topics.SENSOR_DATA)
         await admin.close()
     topic = topics.name(settings, topic)
     return {tp.partition: found.offset for tp, found in offsets.items() if tp.topic == topic and found.offset >= 0}
+
+
+async def unconsumed(settings: Settings, topic: str) -> dict[int, int]:
+    """The records of this test's ``topic`` the consumer group has not committed yet, by partition
+    (partitions it committed to their end left out): empty once everything written was processed."""
+    committed = await committed_offsets(settings, topic)
+    name = topics.name(settings, topic)
+    # Subscribed, so that starting it fetches the topic's metadata (its partitions).
+    consumer = AIOKafkaConsumer(name, bootstrap_servers=settings.kafka_bootstrap, enable_auto_commit=False,
+                                group_id=None)
+    try:
+        await consumer.start()
+        found = consumer.partitions_for_topic(name)
+        if not found:
+            raise LookupError(f"topic {name!r} has no partitions the brokers know of")
+        ends = await consumer.end_offsets([TopicPartition(name, p) for p in found])
+    finally:
+        await consumer.stop()
+    return {tp.partition: end - committed.get(tp.partition, 0) for tp, end in ends.items()
+            if end > committed.get(tp.partition, 0)}
 
 
 class ReadLoad:
