@@ -4,29 +4,34 @@ The handler of :meth:`IngestPipeline.deciding` is given each sensor-data message
 as the fetcher hands the fetch over (iotflow/agents/ingest.py): it reads the tables in that message's partition and queues its
 rows and its table writes (a mark, the device's account — tagged with the message's partition) in a
 bounded batch. A full batch is written in the background while the next one is decided (reads
-see the batch's table writes until they are written; one batch at most is written at a time, and
-deciding waits for it before handing over the next, so memory stays bounded and batches are acknowledged in order); :meth:`IngestPipeline.flush`
-(on a timer, on revocation and on stop) hands over what is queued and waits until all is written.
-Each batch's write runs the steps in this order:
+see the batch's table writes until they are written; two batches at most are written at a time,
+and deciding waits for the oldest before handing over another, so memory stays bounded);
+:meth:`IngestPipeline.flush` (on a timer, on revocation and on stop) hands over what is queued and
+waits until all is written. Each batch's write runs these steps:
 
-1. wait until every DLQ record of the batch is confirmed by Kafka (acks=all);
-2. write the batch's rows through the idempotent sink (retrying while the database is away —
-   the agent blocks meanwhile: backpressure, and Kafka keeps the backlog);
-3. write the batch's marks, accounts and latest values: changelog records acknowledged by Kafka, then the local
-   store (:class:`iotflow.tables.batched.TableBatch`), retried while Kafka refuses them;
-4. acknowledge the batch's events, in order, so Faust may commit their offsets.
+1. its rows go through the idempotent sink at once — beside the previous batch's, on a connection
+   of their own (retrying while the database is away: the agent blocks once two batches wait,
+   backpressure, and Kafka keeps the backlog);
+2. its marks, accounts and latest values — changelog records acknowledged by Kafka, then the local
+   store (:class:`iotflow.tables.batched.TableBatch`), retried while Kafka refuses them — once the
+   previous batch is written, so that each table's changelog and store take the batches in order;
+3. once its rows and table writes are done and every DLQ record of the batch is confirmed by
+   Kafka (acks=all), and the previous batch is acknowledged: its events are acknowledged, in
+   order, so Faust may commit their offsets.
 
 Nothing is acknowledged before it is durable (invariant 1); the sink's ON CONFLICT and the marks'
-offsets make every replay harmless (invariants 2 and 3), and marks are only ever written after
-their rows; an invalid message costs one DLQ record, never the stream (invariant 4). A device's
-account records the last offset it counted, so a replayed message is never counted twice.
+offsets make every replay harmless (invariants 2 and 3): a mark may reach the changelog before
+its rows reach the database, and after a crash between the two the replayed message finds its own
+offset in the mark — verdict ``replay``, written again — while another message with the same
+msg_id is a duplicate. An invalid message costs one DLQ record, never the stream (invariant 4). A
+device's account records the last offset it counted, so a replayed message is never counted twice.
 """
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 
@@ -52,6 +57,7 @@ _CONFIRM_TIMEOUT_S = 1.0  # a registry lookup for waiting devices: the agent wai
 _CONFIRM_PAUSE_S = 5.0  # after a lookup failed: waiting devices are asked of the table only, meanwhile
 _EXPIRE_PER_MESSAGE = 8  # marks deleted per message at most: expiry keeps pace without bursts
 _INDEX_CHUNK = 10_000  # marks indexed between two turns of the event loop
+_WRITES_AT_ONCE = 2  # batches being written while the next one is decided
 
 
 _Writes = dict[bytes, tuple[int, bytes | None]]  # a table's taken writes (TableBatch.take)
@@ -106,9 +112,10 @@ class IngestPipeline:
         self._assignment = 0  # assignments seen: an index built across one is out of date
         self._pending: list[_Pending] = []
         self._pending_rows = 0
-        # The batch being written, while the next one is decided (the write of a batch waits for the
-        # write of the one before it, so batches are acknowledged in order).
+        # The batches being written while the next one is decided, oldest first; the last one's write
+        # ends after all the others' (each waits for the one before it to acknowledge its own).
         self._writing: asyncio.Future[None] | None = None
+        self._in_flight: deque[asyncio.Future[None]] = deque()
         self._order = asyncio.Lock()  # one message decided at a time: the agent's and the timer's
         self._closed = False
         self._dlq_unreported: Counter[str] = Counter()
@@ -393,10 +400,15 @@ class IngestPipeline:
             await asyncio.shield(self._writing)  # a cancelled caller must not cut a write short
 
     async def _write_behind(self) -> None:
-        """A full batch: hand it to a write of its own and go on deciding the next one. At most one
-        batch is written while the next is decided: the caller waits here for the one before."""
-        if self._writing is not None:
-            await asyncio.shield(self._writing)  # raises what that write raised
+        """A full batch: hand it to a write of its own and go on deciding the next one. At most
+        ``_WRITES_AT_ONCE`` batches are written while the next is decided: the caller waits here
+        for the oldest, and is raised what it raised."""
+        in_flight = self._in_flight
+        while in_flight and in_flight[0].done():
+            in_flight.popleft().result()
+        while len(in_flight) >= _WRITES_AT_ONCE:
+            await asyncio.shield(in_flight[0])
+            in_flight.popleft()
         self._hand_off()
 
     def _hand_off(self) -> None:
@@ -405,15 +417,37 @@ class IngestPipeline:
         marks, accounts, latest = self.marks.take(), self.accounts.take(), self.latest.take()
         if batch or marks:
             self._writing = asyncio.ensure_future(self._write(batch, marks, accounts, latest, after=self._writing))
+            self._in_flight.append(self._writing)
 
     async def _write(self, batch: list[_Pending], marks: _Writes, accounts: _Writes, latest: _Writes, *,
                      after: asyncio.Future[None] | None) -> None:
-        """The module docstring's steps 1-4 for one batch, once the batch before it is written."""
-        if after is not None:
-            await after
+        """The module docstring's steps for one batch: its rows at once, its table writes once the
+        batch before it is written, its acknowledgement once both are done."""
+        store = asyncio.ensure_future(self._store(batch))
+        try:
+            if after is not None:
+                await after
+            await write_all((self.marks, marks), (self.accounts, accounts), (self.latest, latest))
+            for pending in batch:
+                if pending.dlq is not None:
+                    await pending.dlq
+            await store
+        except BaseException:
+            # The batch before failed (or this one's table writes did): nothing after it is acknowledged.
+            if store.done() and not store.cancelled():
+                store.exception()  # retrieved: what is raised here is the earlier failure
+            store.cancel()
+            raise
+        self.ack([pending.message for pending in batch])
+        now, observe, durable = time.time(), metrics.E2E_LATENCY.observe, self.durable_until
         for pending in batch:
-            if pending.dlq is not None:
-                await pending.dlq
+            message = pending.message
+            if message.timestamp > durable.get(message.partition, 0.0):
+                durable[message.partition] = message.timestamp
+            if pending.rows:
+                observe(now - pending.device_s)
+
+    async def _store(self, batch: list[_Pending]) -> None:
         rows = [row for pending in batch for row in pending.rows]
         started = time.perf_counter()
         try:
@@ -424,15 +458,6 @@ class IngestPipeline:
         metrics.SINK_BATCH_SECONDS.observe(time.perf_counter() - started)
         metrics.SINK_BATCH_ROWS.observe(len(rows))
         metrics.ROWS_STORED.inc(stored)
-        await write_all((self.marks, marks), (self.accounts, accounts), (self.latest, latest))
-        self.ack([pending.message for pending in batch])
-        now, observe, durable = time.time(), metrics.E2E_LATENCY.observe, self.durable_until
-        for pending in batch:
-            message = pending.message
-            if message.timestamp > durable.get(message.partition, 0.0):
-                durable[message.partition] = message.timestamp
-            if pending.rows:
-                observe(now - pending.device_s)
 
     async def _write_each(self, batch: list[_Pending]) -> int:
         """After a rejected batch: write message by message; what the database refuses goes to the DLQ."""

@@ -20,7 +20,7 @@ DEDUP_EXPIRED = Counter("iotflow_dedup_marks_expired_total", "Dedup marks delete
 DEDUP_MARKS = Gauge("iotflow_dedup_marks", "Dedup marks held by this worker's active partitions (its expiry index: rebuilt at the first message after an assignment).")
 SINK_BATCH_SECONDS = Histogram(
     "iotflow_sink_batch_seconds",
-    "Time to make one batch durable (DLQ confirmations + COPY + commit), retries included.",
+    "Time to store one batch's rows (COPY, move, commit), retries included.",
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
 )
 OUTBOX_PUBLISHED = Counter("iotflow_outbox_published_total", "Device events the outbox relay published to device-events.")

@@ -1,6 +1,7 @@
-"""A full batch is written behind the agent's back while the next is decided: one batch at most in
-the writing, batches acknowledged in order, nothing acknowledged before its rows and table writes
-are done, and flush() returns only when everything decided is."""
+"""A full batch is written behind the agent's back while the next is decided: two batches at most in
+the writing, their rows at once, their table writes in batch order, batches acknowledged in order,
+nothing acknowledged before its rows and table writes are done, and flush() returns only when
+everything decided is."""
 from __future__ import annotations
 
 import asyncio
@@ -16,15 +17,22 @@ from iotflow.telemetry import Limits
 
 
 class HeldSink:
-    """Writes wait until the test lets them through, one release per write."""
+    """Each write waits until the test lets that very write through (``release(n)``, 0-based)."""
 
     def __init__(self) -> None:
         self.writes: list[list[tuple]] = []
-        self.release = asyncio.Semaphore(0)
+        self._gates: dict[int, asyncio.Event] = {}
+
+    def _gate(self, n: int) -> asyncio.Event:
+        return self._gates.setdefault(n, asyncio.Event())
+
+    def release(self, n: int) -> None:
+        self._gate(n).set()
 
     async def write(self, rows):
+        n = len(self.writes)
         self.writes.append(list(rows))
-        await self.release.acquire()
+        await self._gate(n).wait()
         return len(rows)
 
 
@@ -85,36 +93,46 @@ async def until(condition, timeout: float = 2.0) -> None:
     await asyncio.wait_for(wait(), timeout)
 
 
-def test_the_next_batch_is_decided_while_the_full_one_is_written_and_acks_come_in_order():
+def test_the_next_batches_are_decided_while_full_ones_are_written_and_acks_come_in_order():
     async def scenario() -> None:
         pipeline, sink, (marks, accounts, _), log, acked, message = rig()
         await asyncio.wait_for(pipeline.handle(message(0)), 1)
-        await asyncio.wait_for(pipeline.handle(message(1)), 1)  # full: handed to a write of its own
+        await asyncio.wait_for(pipeline.handle(message(1)), 1)  # full: batch A, handed to a write of its own
         await until(lambda: len(sink.writes) == 1)
-        # The agent goes on while that write waits on the database.
+        # A's table writes go out while its rows wait on the database (a mark ahead of its rows is
+        # harmless: it carries its message's offset, and a replay of that offset is written again).
+        await until(lambda: log == ["marks:2", "accounts:1", "latest:1"])
+        # The agent goes on meanwhile. A replay of offset 1's message is a duplicate: the batch in
+        # the writing is read.
         await asyncio.wait_for(pipeline.handle(message(2)), 1)
-        assert acked == [] and log == []
-        # A replay of offset 1's message is a duplicate: the batch in the writing is read.
         await asyncio.wait_for(pipeline.handle(message(3, telemetry(1))), 1)
-        # Offset 4 fills the second batch, which waits for the first to be written before it is handed over.
-        fills = asyncio.ensure_future(pipeline.handle(message(4)))
-        await asyncio.sleep(0.05)
-        assert not fills.done() and len(sink.writes) == 1
-        sink.release.release()  # the first batch's rows are stored...
-        await until(lambda: acked == [0, 1])  # ...then its table writes, then its acks
-        assert log[:3] == ["marks:2", "accounts:1", "latest:1"]
-        await asyncio.wait_for(fills, 1)
+        await asyncio.wait_for(pipeline.handle(message(4)), 1)  # full: batch B
+        # B's rows go to the database at once, beside A's; its table writes wait until A is written.
         await until(lambda: len(sink.writes) == 2)
-        assert [row[5] for row in sink.writes[1]] == [2, 4]  # offset 3 was a duplicate: no row
-        assert acked == [0, 1]  # the second batch: not before its write
+        assert [row[5] for row in sink.writes[1]] == [2, 4]
+        await asyncio.wait_for(pipeline.handle(message(5)), 1)
+        # A third full batch waits for the oldest before it is handed over.
+        fills = asyncio.ensure_future(pipeline.handle(message(6)))
+        await asyncio.sleep(0.05)
+        assert not fills.done() and len(sink.writes) == 2
+        assert acked == [] and len(log) == 3
+        sink.release(1)  # B's rows are stored first: B is still acknowledged after A
+        await asyncio.sleep(0.05)
+        assert acked == [] and len(log) == 3 and not fills.done()
+        sink.release(0)
+        await until(lambda: acked == [0, 1, 2, 3, 4])
+        assert log[3:6] == ["marks:2", "accounts:1", "latest:1"]  # B: m2 and m4 (m1 again is a duplicate)
+        await asyncio.wait_for(fills, 1)
+        await until(lambda: len(sink.writes) == 3)
         flushed = asyncio.ensure_future(pipeline.flush())
         await asyncio.sleep(0.05)
-        assert not flushed.done()
-        sink.release.release()
+        assert not flushed.done() and acked == [0, 1, 2, 3, 4]
+        sink.release(2)
         await asyncio.wait_for(flushed, 1)
-        assert acked == [0, 1, 2, 3, 4]
+        assert acked == [0, 1, 2, 3, 4, 5, 6]
+        assert [row[5] for write in sink.writes for row in write] == [0, 1, 2, 4, 5, 6]
         assert DeviceAccount.decode(accounts.stored[b"d1"]).duplicates == 1
-        assert len(marks.stored) == 4  # m0, m1, m2, m4
+        assert len(marks.stored) == 6  # m0, m1, m2, m4, m5, m6
 
     asyncio.run(scenario())
 
@@ -126,15 +144,15 @@ def test_a_write_that_fails_is_raised_to_the_agent_and_nothing_after_it_is_ackno
         async def broken(rows):
             raise RuntimeError("disk on fire")
         sink.write = broken
-        await pipeline.handle(message(0))
-        await pipeline.handle(message(1))
-        await pipeline.handle(message(2))
-        try:
-            await pipeline.handle(message(3))
-        except RuntimeError as exc:
-            assert str(exc) == "disk on fire"
-        else:
-            raise AssertionError("the failed write was not raised")
+        # Raised at the latest when a batch waits for it: the third full batch, with two in the writing.
+        raised = None
+        for offset in range(6):
+            try:
+                await pipeline.handle(message(offset))
+            except RuntimeError as exc:
+                raised = offset, str(exc)
+                break
+        assert raised is not None and raised[1] == "disk on fire", "the failed write was not raised"
         try:
             await pipeline.flush()
         except RuntimeError:
