@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import time
 from collections import Counter, deque
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -118,6 +119,7 @@ class IngestPipeline:
         self._in_flight: deque[asyncio.Future[None]] = deque()
         self._order = asyncio.Lock()  # one message decided at a time: the agent's and the timer's
         self._closed = False
+        self._outcomes: Counter[str] = Counter()  # decided since the last hand-off, by outcome label
         self._dlq_unreported: Counter[str] = Counter()
         self._dlq_example: dict[str, object] = {}
         self._dlq_reported_at = float("-inf")
@@ -161,7 +163,7 @@ class IngestPipeline:
     def _expire(self, partition: int, now_ms: int) -> None:
         for key in self._expiry.expired(partition, now_ms, _EXPIRE_PER_MESSAGE):
             self.marks.delete(partition, key)
-            metrics.DEDUP_EXPIRED.inc()
+            self._outcomes["expired"] += 1
 
     @contextlib.asynccontextmanager
     async def deciding(self, current: Callable[[Message], bool] = _always) -> AsyncIterator[Callable[[Message], Awaitable[bool]]]:
@@ -188,10 +190,7 @@ class IngestPipeline:
                     status = statuses[device_key] = read(partition, device_key)
                 return status
 
-            async def handle(message: Message) -> bool:
-                return await self._handle(message, status_of, current)
-
-            yield handle
+            yield functools.partial(self._handle, status_of=status_of, current=current)
 
     async def handle(self, message: Message) -> bool:
         """Decide one message on its own (a fetch of one)."""
@@ -211,9 +210,10 @@ class IngestPipeline:
             if not current(message):
                 return False
         self._expire(partition, now_ms)
-        await self._release_due(now_ms)  # may wait: PostgreSQL asked about devices, a batch's write
-        if not current(message):
-            return False
+        if self._parked.any_due(now_ms):
+            await self._release_due(now_ms)  # may wait: PostgreSQL asked about devices, a batch's write
+            if not current(message):
+                return False
         while self._parked.full:
             # Backpressure: take no more until waiting devices are settled (registered, or
             # out of time); Kafka keeps the backlog meanwhile.
@@ -270,30 +270,33 @@ class IngestPipeline:
                 pending.dlq = await self._send_to_dlq(message, "identity_mismatch", "device_id", reason)
                 outcome = REJECTED
             else:
-                outcome = await self._decide_valid(message, telemetry, pending, now_ms, status_of)
+                outcome = self._decide_valid(message, telemetry, pending, now_ms, status_of)
                 if outcome is None:
-                    return
+                    return  # parked
+                if isinstance(outcome, DeviceStatus):  # deleted, or never registered in time
+                    reason = (f"device {telemetry.device_id!r} was deleted" if outcome is DeviceStatus.DELETED else
+                              f"device {telemetry.device_id!r} is not registered "
+                              f"(waited {self._parked.wait_ms / 1000:g} s for its registration)")
+                    pending.dlq = await self._send_to_dlq(message, outcome.value, "device_id", reason)
+                    outcome = REJECTED
         if not counted:
             account.count(outcome, message.offset, now_ms, None if outcome in (INVALID, REJECTED) else telemetry.seq)
             self.accounts.set(partition, device_key, account)
-        metrics.MESSAGES_BY_OUTCOME[_outcome_label(outcome) if not counted else "replay"].inc()
+        self._outcomes[_outcome_label(outcome) if not counted else "replay"] += 1
         self._pending.append(pending)
         self._pending_rows += len(pending.rows)
 
-    async def _decide_valid(self, message: Message, telemetry: Telemetry, pending: _Pending, now_ms: int,
-                            status_of: Callable[[int, bytes], DeviceStatus]) -> Verdict | str | None:
-        """The verdict on a valid message from its own device; None when it was parked."""
+    def _decide_valid(self, message: Message, telemetry: Telemetry, pending: _Pending, now_ms: int,
+                      status_of: Callable[[int, bytes], DeviceStatus]) -> Verdict | DeviceStatus | None:
+        """The verdict on a valid message from its own device; None when it was parked; the device's
+        status when it is not registered (the caller sends the message to the DLQ)."""
         partition, device_key = message.partition, message.key or b""
         status = status_of(partition, device_key)
         if status is DeviceStatus.UNKNOWN:
             self._park(device_key, message, now_ms)
             return None
         if status is not DeviceStatus.REGISTERED:
-            reason = (f"device {telemetry.device_id!r} was deleted" if status is DeviceStatus.DELETED else
-                      f"device {telemetry.device_id!r} is not registered "
-                      f"(waited {self._parked.wait_ms / 1000:g} s for its registration)")
-            pending.dlq = await self._send_to_dlq(message, status.value, "device_id", reason)
-            return REJECTED
+            return status
         key = dedup_key(telemetry.device_id, telemetry.msg_id)
         outcome = verdict(self.marks.get(partition, key), partition, message.offset)
         if outcome is Verdict.NEW:
@@ -310,7 +313,7 @@ class IngestPipeline:
 
     def _park(self, device_key: bytes, message: Message, now_ms: int) -> None:
         self._parked.park(device_key, message.partition, message, now_ms)
-        metrics.MESSAGES_BY_OUTCOME["parked"].inc()
+        self._outcomes["parked"] += 1
 
     async def _release_due(self, now_ms: int) -> None:
         """Ask the registry again about waiting devices whose backoff has passed; settle the
@@ -415,9 +418,20 @@ class IngestPipeline:
         """Take the queued batch and its table writes (reads still see them) and start writing them."""
         batch, self._pending, self._pending_rows = self._pending, [], 0
         marks, accounts, latest = self.marks.take(), self.accounts.take(), self.latest.take()
+        self._count_outcomes()
         if batch or marks:
             self._writing = asyncio.ensure_future(self._write(batch, marks, accounts, latest, after=self._writing))
             self._in_flight.append(self._writing)
+
+    def _count_outcomes(self) -> None:
+        """The decisions since the last hand-off into their counters: one increment per outcome and
+        batch, not one per message (each takes a lock)."""
+        for label, count in self._outcomes.items():
+            if label == "expired":
+                metrics.DEDUP_EXPIRED.inc(count)
+            else:
+                metrics.MESSAGES_BY_OUTCOME[label].inc(count)
+        self._outcomes.clear()
 
     async def _write(self, batch: list[_Pending], marks: _Writes, accounts: _Writes, latest: _Writes, *,
                      after: asyncio.Future[None] | None) -> None:
@@ -439,13 +453,12 @@ class IngestPipeline:
             store.cancel()
             raise
         self.ack([pending.message for pending in batch])
-        now, observe, durable = time.time(), metrics.E2E_LATENCY.observe, self.durable_until
+        now, durable = time.time(), self.durable_until
         for pending in batch:
             message = pending.message
             if message.timestamp > durable.get(message.partition, 0.0):
                 durable[message.partition] = message.timestamp
-            if pending.rows:
-                observe(now - pending.device_s)
+        metrics.observe_all(metrics.E2E_LATENCY, [now - pending.device_s for pending in batch if pending.rows])
 
     async def _store(self, batch: list[_Pending]) -> None:
         rows = [row for pending in batch for row in pending.rows]

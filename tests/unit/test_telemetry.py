@@ -79,6 +79,15 @@ def test_an_invalid_payload_names_the_field_and_the_reason(raw, field, reason):
     assert reason in str(error)
 
 
+def test_a_name_that_passed_as_a_device_id_is_still_checked_as_a_metric_name():
+    # Names that passed are remembered (a fleet sends the same ones again), each kind apart:
+    # "7-up" is a device id, not a metric name.
+    parse(payload(device_id="7-up"), LIMITS, now=NOW)
+    assert invalid(payload(metrics={"7-up": 1})).field == "metrics.7-up"
+    parse(payload(metrics={"temp_c": 1}), LIMITS, now=NOW)
+    assert invalid(payload(device_id="temp c", metrics={"temp_c": 1})).field == "device_id"
+
+
 def test_errors_show_the_bad_value():
     assert "(got 'dev 1')" in str(invalid(payload(device_id="dev 1")))
 
