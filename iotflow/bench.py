@@ -202,7 +202,13 @@ def fresh_run(settings: Settings, name: str, **overrides: object) -> tuple[Setti
     return bench, run_id
 
 
-def run(settings: Settings, messages: int) -> dict[str, object]:
+def _own_cpu_s(pid: int) -> float:
+    """CPU seconds (user + system) process ``pid`` has used so far, all its threads."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / _TICKS_PER_S
+
+
+def run(settings: Settings, messages: int, *, peers: bool = True) -> dict[str, object]:
     bench, run_id = fresh_run(settings, "bench")
     device_prefix = f"bench{run_id}-"
     latency_prefix = f"lat{run_id}-"
@@ -213,20 +219,24 @@ def run(settings: Settings, messages: int) -> dict[str, object]:
     def delete_rows() -> None:
         asyncio.run(_sql(bench.tsdb_dsn, "DELETE FROM sensor_measurements WHERE device_id LIKE $1", device_prefix + "%"))
 
+    raw_cpu = time.process_time()
     raw_rate = asyncio.run(_baseline(bench, messages))
+    raw_cpu = time.process_time() - raw_cpu
     delete_rows()
-    quix_rate = _quix_rate(bench, messages)
-    floor_rate = _floor_rate(bench, messages, "agent")
-    batch_floor_rate = _floor_rate(bench, messages, "batch")
-    delete_rows()
+    if peers:
+        quix_rate = _quix_rate(bench, messages)
+        floor_rate = _floor_rate(bench, messages, "agent")
+        batch_floor_rate = _floor_rate(bench, messages, "batch")
+        delete_rows()
 
     with bench_worker(bench) as worker:
-        started = time.monotonic()
+        started, worker_cpu = time.monotonic(), _own_cpu_s(worker.proc.pid)
         peak = 0
         while _received(worker) < messages:
             peak = max(peak, rss_kib(worker.proc.pid))
             time.sleep(0.5)
         iotflow_rate = messages / (time.monotonic() - started)
+        worker_cpu = _own_cpu_s(worker.proc.pid) - worker_cpu
 
         latency_rate = max(1.0, iotflow_rate / 2)
         latency_count = int(latency_rate * 20)
@@ -247,14 +257,17 @@ def run(settings: Settings, messages: int) -> dict[str, object]:
     return {
         "messages": messages,
         "raw_baseline_msgs_per_s": round(raw_rate),
-        "faust_floor_msgs_per_s": round(floor_rate),
-        "batch_floor_msgs_per_s": round(batch_floor_rate),
-        "quix_msgs_per_s": round(quix_rate),
+        **({"faust_floor_msgs_per_s": round(floor_rate),
+            "batch_floor_msgs_per_s": round(batch_floor_rate),
+            "quix_msgs_per_s": round(quix_rate)} if peers else {}),
         "iotflow_msgs_per_s": round(iotflow_rate),
         "ratio": round(iotflow_rate / raw_rate, 3),
-        "iotflow_vs_quix": round(iotflow_rate / quix_rate, 3),
-        "floor_ratio": round(floor_rate / raw_rate, 3),
-        "batch_floor_ratio": round(batch_floor_rate / raw_rate, 3),
+        **({"iotflow_vs_quix": round(iotflow_rate / quix_rate, 3),
+            "floor_ratio": round(floor_rate / raw_rate, 3),
+            "batch_floor_ratio": round(batch_floor_rate / raw_rate, 3)} if peers else {}),
+        # CPU per message (all threads): steadier than msg/s on a machine whose speed moves.
+        "raw_cpu_us_per_msg": round(raw_cpu / messages * 1e6, 1),
+        "worker_cpu_us_per_msg": round(worker_cpu / messages * 1e6, 1),
         "worker_peak_rss_mib": round(peak / 1024, 1),
         "latency_rate_msgs_per_s": round(latency_rate),
         "latency_p50_s": round(float(p["p50"] or 0), 3),

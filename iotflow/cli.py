@@ -301,11 +301,13 @@ def mqtt_acl_file() -> None:
 @main.command()
 @click.option("--messages", type=click.IntRange(min=1000), default=1_000_000, show_default=True,
               help="messages preloaded into a fresh topic")
-def bench(messages: int) -> None:
+@click.option("--peers/--no-peers", default=True, show_default=True,
+              help="also run Quix Streams and the two Faust floors (--no-peers: the raw baseline and iotflow only)")
+def bench(messages: int, peers: bool) -> None:
     """Measure the worker's ingest path against a bare aiokafka + COPY baseline in the same run."""
     from iotflow.bench import run
 
-    _print_json(run(_settings(), messages))
+    _print_json(run(_settings(), messages, peers=peers))
 
 
 @main.group()
