@@ -14,6 +14,8 @@ expire (faust issue #385); :class:`ExpiryIndex` is filled from restored marks as
 from __future__ import annotations
 
 import heapq
+from array import array
+from collections.abc import Iterator
 from dataclasses import dataclass, field, fields
 from enum import Enum
 from typing import NamedTuple
@@ -61,31 +63,105 @@ def verdict(mark: Mark | None, partition: int, offset: int) -> Verdict:
     return Verdict.DUPLICATE
 
 
-@dataclass
-class ExpiryIndex:
-    """Which marks expire when, per partition, so they can be deleted from inside that partition's stream."""
+class _Run:
+    """One partition's marks made by this worker, in the order they expire, packed: the expiry times
+    in one array, the keys end to end in one bytearray with their ends in another array — about
+    16 bytes a mark besides its key, where a heap entry of a tuple and an int took ~100."""
 
-    window_ms: int
-    _heaps: dict[int, list[tuple[int, bytes]]] = field(default_factory=dict)
+    __slots__ = ("times", "ends", "blob", "head", "base")
+
+    _COMPACT_AT = 4096  # popped entries before the consumed front is cut away (when it is half)
+
+    def __init__(self) -> None:
+        self.times = array("q")
+        self.ends = array("q")  # each key's end, counted from the first key ever appended
+        self.blob = bytearray()
+        self.head = 0  # entries before it were popped
+        self.base = 0  # bytes cut from the blob's front so far
+
+    def append(self, expires_ms: int, key: bytes) -> None:
+        times = self.times
+        if times and expires_ms < times[-1]:
+            expires_ms = times[-1]  # the clock stepped back: it expires a little late, never early
+        times.append(expires_ms)
+        self.blob += key
+        self.ends.append(self.base + len(self.blob))
+
+    def pop_due(self, now_ms: int, limit: int, out: list[bytes]) -> None:
+        times, ends, blob, base = self.times, self.ends, self.blob, self.base
+        head, count = self.head, len(times)
+        start = ends[head - 1] if head else base
+        while head < count and limit > 0 and times[head] <= now_ms:
+            end = ends[head]
+            out.append(bytes(blob[start - base:end - base]))
+            start, head, limit = end, head + 1, limit - 1
+        self.head = head
+        if head >= self._COMPACT_AT and 2 * head >= count:
+            cut = ends[head - 1]
+            self.blob, self.base = blob[cut - base:], cut
+            self.times, self.ends, self.head = times[head:], ends[head:], 0
+
+    def keys(self) -> Iterator[bytes]:
+        start = self.ends[self.head - 1] if self.head else self.base
+        for end in self.ends[self.head:]:
+            yield bytes(self.blob[start - self.base:end - self.base])
+            start = end
+
+    def __len__(self) -> int:
+        return len(self.times) - self.head
+
+
+class ExpiryIndex:
+    """Which marks expire when, per partition, so they can be deleted from inside that partition's stream.
+
+    Marks this worker makes (:meth:`add`) come in the order they expire — each at its decision's
+    clock — and are kept packed (:class:`_Run`): the index of a long run's marks is a few dozen
+    bytes a mark. Marks indexed from the store after an assignment (:meth:`add_restored`) come in
+    key order and go to a heap per partition instead, which drains as they expire."""
+
+    def __init__(self, window_ms: int) -> None:
+        self.window_ms = window_ms
+        self._runs: dict[int, _Run] = {}
+        self._heaps: dict[int, list[tuple[int, bytes]]] = {}
 
     def add(self, key: bytes, mark: Mark) -> None:
+        """A mark just made (its ``seen_at_ms`` is the newest, give or take a clock step)."""
+        run = self._runs.get(mark.partition)
+        if run is None:
+            run = self._runs[mark.partition] = _Run()
+        run.append(mark.seen_at_ms + self.window_ms, key)
+
+    def add_restored(self, key: bytes, mark: Mark) -> None:
+        """A mark read back from the store or a pending batch, in no particular order."""
         heapq.heappush(self._heaps.setdefault(mark.partition, []), (mark.seen_at_ms + self.window_ms, key))
 
     def expired(self, partition: int, now_ms: int, limit: int) -> list[bytes]:
         """Pop up to ``limit`` keys of ``partition`` whose window has passed."""
-        heap = self._heaps.get(partition)
         keys: list[bytes] = []
+        heap = self._heaps.get(partition)
         while heap and len(keys) < limit and heap[0][0] <= now_ms:
             keys.append(heapq.heappop(heap)[1])
+        run = self._runs.get(partition)
+        if run is not None and len(keys) < limit:
+            run.pop_due(now_ms, limit - len(keys), keys)
         return keys
 
     def drop_partitions_except(self, keep: set[int]) -> None:
-        for partition in list(self._heaps):
-            if partition not in keep:
-                del self._heaps[partition]
+        for held in (self._runs, self._heaps):
+            for partition in list(held):
+                if partition not in keep:
+                    del held[partition]
+
+    def keys(self) -> Iterator[bytes]:
+        """Every key indexed (restored ones first), for inspection."""
+        for heap in self._heaps.values():
+            for _, key in heap:
+                yield key
+        for run in self._runs.values():
+            yield from run.keys()
 
     def __len__(self) -> int:
-        return sum(len(h) for h in self._heaps.values())
+        return sum(len(h) for h in self._heaps.values()) + sum(len(r) for r in self._runs.values())
 
 
 INVALID = "invalid"  # an account outcome: the payload failed validation

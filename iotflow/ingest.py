@@ -145,7 +145,7 @@ class IngestPipeline:
         expiry, index = ExpiryIndex(self.window_ms), 0
         try:
             for index, (key, value) in enumerate(self.marks.table.items(), 1):
-                expiry.add(key, Mark.decode(value))
+                expiry.add_restored(key, Mark.decode(value))
                 if index % _INDEX_CHUNK == 0:
                     await asyncio.sleep(0)
         except RuntimeError as exc:  # the store's partitions changed under the pass: a rebalance began
@@ -156,7 +156,7 @@ class IngestPipeline:
         # Marks not in the store yet (decided after a pass that was thrown away, or being written):
         # the pass read the store only.
         for key, mark in self.marks.unwritten():
-            expiry.add(key, mark)
+            expiry.add_restored(key, mark)
         self._expiry, self._indexed = expiry, True
         log.info("dedup_expiry_indexed", marks=len(expiry), seconds=round(time.monotonic() - started, 3))
 

@@ -104,3 +104,55 @@ def test_latest_values_keep_the_newest_measurement_of_each_metric():
     latest.update((("temp", 21.5),), time_ms=3000)
     assert latest.values == {"temp": (21.5, 3000), "hum": (40.0, 2000)}
     assert LatestValues.decode(latest.encode()) == latest
+
+
+def test_marks_made_here_pop_in_order_once_each_across_the_index_compacting_its_front():
+    index = ExpiryIndex(window_ms=1000)
+    made = [f"d{i % 7}/m{i}".encode() for i in range(20_000)]
+    for i, key in enumerate(made):
+        index.add(key, Mark(3, i, seen_at_ms=i))
+    assert index.expired(3, now_ms=999, limit=10) == []
+    popped: list[bytes] = []
+    late: list[bytes] = []
+    while got := index.expired(3, now_ms=10**9, limit=997):  # the consumed front is cut away several times
+        popped += got
+        if len(late) < 30:  # appended behind everything, before and after the cuts
+            late.append(f"late{len(late)}".encode())
+            index.add(late[-1], Mark(3, 0, seen_at_ms=19_999))
+        assert len(index) == len(list(index.keys())) == len(made) + len(late) - len(popped)
+    assert popped == made + late and len(index) == 0
+
+
+def test_a_mark_made_after_the_clock_stepped_back_expires_late_never_early():
+    index = ExpiryIndex(window_ms=100)
+    index.add(b"a", Mark(0, 1, seen_at_ms=1000))
+    index.add(b"b", Mark(0, 2, seen_at_ms=900))  # the clock went back 100 ms
+    assert index.expired(0, now_ms=1099, limit=10) == []
+    assert index.expired(0, now_ms=1100, limit=10) == [b"a", b"b"]
+
+
+def test_restored_marks_and_marks_made_here_expire_together():
+    index = ExpiryIndex(window_ms=100)
+    index.add_restored(b"old2", Mark(0, 2, seen_at_ms=50))
+    index.add_restored(b"old1", Mark(0, 1, seen_at_ms=10))
+    index.add(b"new", Mark(0, 3, seen_at_ms=60))
+    assert sorted(index.keys()) == [b"new", b"old1", b"old2"]
+    assert index.expired(0, now_ms=155, limit=10) == [b"old1", b"old2"]
+    assert index.expired(0, now_ms=160, limit=10) == [b"new"] and len(index) == 0
+
+
+def test_the_index_of_marks_made_here_takes_a_few_dozen_bytes_a_mark():
+    # The heap of (expiry, key) tuples it replaced took ~150 bytes a mark: a worker holding a
+    # window's marks (millions) grew with them (docs/performance.md, memory over a long run).
+    import tracemalloc
+    keys = [f"device-{i % 50}/device-{i % 50}-{i}".encode() for i in range(100_000)]
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        index = ExpiryIndex(window_ms=60_000)
+        for i, key in enumerate(keys):
+            index.add(key, Mark(i % 8, i, seen_at_ms=i))
+        per_mark = (tracemalloc.get_traced_memory()[0] - before) / len(keys)
+    finally:
+        tracemalloc.stop()
+    assert per_mark < 2 * 8 + max(map(len, keys)) + 10, per_mark  # two int64s and the key's bytes

@@ -77,7 +77,7 @@ def test_marks_decided_but_not_yet_in_the_store_are_indexed_too():
     pipeline.marks.table.items = restored_marks(10)
     asyncio.run(pipeline.handle(message(101)))
     assert pipeline._indexed
-    indexed = {key for heap in pipeline._expiry._heaps.values() for _, key in heap}
+    indexed = set(pipeline._expiry.keys())
     assert {b"d1/m100", b"d1/m101"} <= indexed  # m100 was in the batch only, never in the store
 
 
