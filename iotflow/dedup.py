@@ -147,10 +147,16 @@ class ExpiryIndex:
         return keys
 
     def drop_partitions_except(self, keep: set[int]) -> None:
+        self.drop_partitions(set(self.partitions()) - keep)
+
+    def drop_partitions(self, gone: set[int]) -> None:
         for held in (self._runs, self._heaps):
-            for partition in list(held):
-                if partition not in keep:
-                    del held[partition]
+            for partition in gone:
+                held.pop(partition, None)
+
+    def partitions(self) -> list[int]:
+        """The partitions with marks indexed."""
+        return sorted(set(self._runs) | set(self._heaps))
 
     def keys(self) -> Iterator[bytes]:
         """Every key indexed (restored ones first), for inspection."""

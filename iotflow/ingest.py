@@ -57,6 +57,7 @@ _DLQ_REPORT_EVERY_S = 10.0
 _CONFIRM_TIMEOUT_S = 1.0  # a registry lookup for waiting devices: the agent waits this long at most
 _CONFIRM_PAUSE_S = 5.0  # after a lookup failed: waiting devices are asked of the table only, meanwhile
 _EXPIRE_PER_MESSAGE = 8  # marks deleted per message at most: expiry keeps pace without bursts
+_EXPIRE_PER_TICK = 5_000  # marks deleted per partition and timer tick at most (partitions no message comes to)
 _INDEX_CHUNK = 10_000  # marks indexed between two turns of the event loop
 _WRITES_AT_ONCE = 2  # batches being written while the next one is decided
 
@@ -160,8 +161,8 @@ class IngestPipeline:
         self._expiry, self._indexed = expiry, True
         log.info("dedup_expiry_indexed", marks=len(expiry), seconds=round(time.monotonic() - started, 3))
 
-    def _expire(self, partition: int, now_ms: int) -> None:
-        for key in self._expiry.expired(partition, now_ms, _EXPIRE_PER_MESSAGE):
+    def _expire(self, partition: int, now_ms: int, limit: int = _EXPIRE_PER_MESSAGE) -> None:
+        for key in self._expiry.expired(partition, now_ms, limit):
             self.marks.delete(partition, key)
             self._outcomes["expired"] += 1
 
@@ -243,10 +244,19 @@ class IngestPipeline:
         await self.flush()
 
     async def tick(self) -> None:
-        """On the timer: settle the waiting devices whose time has come, then flush."""
+        """On the timer: settle the waiting devices whose time has come, expire marks, then flush.
+
+        Each message expires marks of its own partition; a partition no message comes to (its
+        devices quiet, or its backlog read before the others') would keep its marks until one does
+        — seen: a 10M-message run held twice the window's marks at its end. The tick expires every
+        active partition's due marks too (their deletes name their partitions)."""
         async with self._order:
             if not self._closed:
-                await self._release_due(int(self.clock() * 1000))
+                now_ms = int(self.clock() * 1000)
+                await self._release_due(now_ms)
+                if self._indexed:  # else a pass over the store rebuilds the index at the next message
+                    for partition in self._expiry.partitions():
+                        self._expire(partition, now_ms, _EXPIRE_PER_TICK)
         await self.flush()
         self._report_dlq(time.monotonic())
 
@@ -366,6 +376,7 @@ class IngestPipeline:
     def forget_partitions(self, revoked: set[int]) -> None:
         """Waiting messages of revoked partitions were never acknowledged: the next owner reads
         them again from Kafka."""
+        self._expiry.drop_partitions(revoked)  # their marks are the next owner's to expire
         dropped = self._parked.forget_partitions(revoked)
         if dropped:
             log.info("unknown_device_messages_left_to_next_owner", messages=dropped)

@@ -3,6 +3,7 @@ assignment happens during the pass, and what the ``iotflow_dedup_marks`` gauge r
 from __future__ import annotations
 
 import asyncio
+from types import SimpleNamespace
 
 from iotflow import metrics
 from iotflow.dedup import Mark
@@ -102,3 +103,34 @@ def test_a_message_a_rebalance_overtakes_during_the_pass_is_left_undecided():
     pipeline.marks.table.items = restored_marks(10)
     assert asyncio.run(pipeline.handle(message(100))) is True
     assert (accounts.pending, len(pipeline._pending)) == (1, 1) and marks.pending >= 1 and pipeline._indexed
+
+
+def test_the_timer_expires_the_marks_of_a_partition_no_message_comes_to_and_not_of_one_revoked():
+    # Each message expires marks of its own partition only: a partition whose devices went quiet
+    # (or whose backlog was read before the others') kept its marks — a 10M-message run held twice
+    # a window's marks at its end. The tick expires every active partition's due marks.
+    pipeline, sink, (marks, *_), _log, _acked, message = rig(batch_size=100)
+
+    async def stored_at_once(rows):
+        return len(rows)
+    sink.write = stored_at_once
+    now = [1_796_040_000.0]
+    pipeline.clock = lambda: now[0]
+    pipeline.window_ms = pipeline._expiry.window_ms = 60_000
+
+    async def scenario() -> None:
+        for offset in range(3):
+            await pipeline.handle(message(offset))  # partition 0
+        quiet = SimpleNamespace(**{**vars(message(3)), "partition": 1})
+        await pipeline.handle(quiet)
+        await pipeline.flush()
+        assert len(marks.stored) == 4 and len(pipeline._expiry) == 4
+        now[0] += 59
+        await pipeline.tick()
+        assert len(marks.stored) == 4  # not due yet
+        now[0] += 2
+        pipeline.forget_partitions({1})  # revoked: its marks are the next owner's to expire
+        await pipeline.tick()
+        assert sorted(marks.stored) == [b"d1/m3"] and len(pipeline._expiry) == 0
+
+    asyncio.run(asyncio.wait_for(scenario(), 10))
