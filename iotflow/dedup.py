@@ -112,7 +112,8 @@ class _Run:
 
 
 class ExpiryIndex:
-    """Which marks expire when, per partition, so they can be deleted from inside that partition's stream.
+    """Which marks expire when, per partition: deleted as their partition's messages are decided,
+    and on the flush timer for a partition no message comes to.
 
     Marks this worker makes (:meth:`add`) come in the order they expire — each at its decision's
     clock — and are kept packed (:class:`_Run`): the index of a long run's marks is a few dozen

@@ -243,18 +243,21 @@ class IngestPipeline:
             self._closed = True
         await self.flush()
 
-    async def tick(self) -> None:
+    async def tick(self, active: Callable[[], bool] = lambda: True) -> None:
         """On the timer: settle the waiting devices whose time has come, expire marks, then flush.
 
         Each message expires marks of its own partition; a partition no message comes to (its
         devices quiet, or its backlog read before the others') would keep its marks until one does
         — seen: a 10M-message run held twice the window's marks at its end. The tick expires every
-        active partition's due marks too (their deletes name their partitions)."""
+        active partition's due marks too (their deletes name their partitions) — only while
+        ``active()`` (the agent: no rebalance has suspended the flow), so that no tombstone goes to a
+        partition being revoked."""
         async with self._order:
             if not self._closed:
                 now_ms = int(self.clock() * 1000)
                 await self._release_due(now_ms)
-                if self._indexed:  # else a pass over the store rebuilds the index at the next message
+                # Else a pass over the store rebuilds the index at the next message.
+                if self._indexed and active():
                     for partition in self._expiry.partitions():
                         self._expire(partition, now_ms, _EXPIRE_PER_TICK)
         await self.flush()
@@ -377,6 +380,7 @@ class IngestPipeline:
         """Waiting messages of revoked partitions were never acknowledged: the next owner reads
         them again from Kafka."""
         self._expiry.drop_partitions(revoked)  # their marks are the next owner's to expire
+        self._assignment += 1  # an index pass under way would bring them back: it starts over
         dropped = self._parked.forget_partitions(revoked)
         if dropped:
             log.info("unknown_device_messages_left_to_next_owner", messages=dropped)
@@ -431,8 +435,11 @@ class IngestPipeline:
         marks, accounts, latest = self.marks.take(), self.accounts.take(), self.latest.take()
         self._count_outcomes()
         if batch or marks:
+            in_flight = self._in_flight
+            while in_flight and in_flight[0].done():
+                in_flight.popleft()  # written (what a failed one raised reaches the writes after it)
             self._writing = asyncio.ensure_future(self._write(batch, marks, accounts, latest, after=self._writing))
-            self._in_flight.append(self._writing)
+            in_flight.append(self._writing)
 
     def _count_outcomes(self) -> None:
         """The decisions since the last hand-off into their counters: one increment per outcome and
@@ -458,7 +465,8 @@ class IngestPipeline:
                     await pending.dlq
             await store
         except BaseException:
-            # The batch before failed (or this one's table writes did): nothing after it is acknowledged.
+            # The batch before failed, or this one's table writes, DLQ records or rows did (its table
+            # writes may have gone out: a replay finds its marks by offset): nothing is acknowledged.
             if store.done() and not store.cancelled():
                 store.exception()  # retrieved: what is raised here is the earlier failure
             store.cancel()
@@ -473,6 +481,8 @@ class IngestPipeline:
 
     async def _store(self, batch: list[_Pending]) -> None:
         rows = [row for pending in batch for row in pending.rows]
+        if not rows:
+            return  # table writes only (expired marks, duplicates): no sink batch to count
         started = time.perf_counter()
         try:
             stored = await self.sink.write(rows)

@@ -51,7 +51,7 @@ SINK_ERRORS = Counter(
 )
 E2E_LATENCY = Histogram(
     "iotflow_ingest_e2e_latency_seconds",
-    "From the device's ts to its rows committed in the database, per stored message.",
+    "From the device's ts to its batch acknowledged (rows committed, batches in order), per stored message.",
     buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300),
 )
 CONSUMER_LAG = Gauge(

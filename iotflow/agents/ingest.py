@@ -93,7 +93,7 @@ def register(app: faust.App, settings: Settings, pipeline: IngestPipeline, sink:
     # Not @survives: a batch it failed to flush is neither stored nor acknowledged (iotflow.agents.timers).
     @app.timer(settings.sink_flush_interval_s, name="iotflow.ingest.flush")
     async def flush_on_time() -> None:
-        await pipeline.tick()
+        await pipeline.tick(app.flow_control.is_active)
 
     @app.timer(3600.0, name="iotflow.partitions", on_leader=True)
     @survives("partition_upkeep")

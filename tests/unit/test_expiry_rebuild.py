@@ -134,3 +134,28 @@ def test_the_timer_expires_the_marks_of_a_partition_no_message_comes_to_and_not_
         assert sorted(marks.stored) == [b"d1/m3"] and len(pipeline._expiry) == 0
 
     asyncio.run(asyncio.wait_for(scenario(), 10))
+
+
+def test_the_timer_expires_nothing_while_a_rebalance_has_suspended_the_flow():
+    # Between the start of a rebalance and the revocation signal the index still holds the
+    # partitions being revoked: a tombstone written then could reach a partition another worker
+    # is already restoring.
+    pipeline, sink, (marks, *_), _log, _acked, message = rig(batch_size=100)
+
+    async def stored_at_once(rows):
+        return len(rows)
+    sink.write = stored_at_once
+    now = [1_796_040_000.0]
+    pipeline.clock = lambda: now[0]
+    pipeline.window_ms = pipeline._expiry.window_ms = 60_000
+
+    async def scenario() -> None:
+        await pipeline.handle(message(0))
+        await pipeline.flush()
+        now[0] += 61
+        await pipeline.tick(active=lambda: False)
+        assert len(marks.stored) == 1 and len(pipeline._expiry) == 1
+        await pipeline.tick(active=lambda: True)
+        assert len(marks.stored) == 0
+
+    asyncio.run(asyncio.wait_for(scenario(), 10))

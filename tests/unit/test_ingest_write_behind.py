@@ -183,3 +183,20 @@ def test_a_fetch_reads_each_device_s_registry_status_once_and_the_next_fetch_rea
         return asked
 
     assert asyncio.run(scenario()) == [b"d1", b"d1"]
+
+
+def test_written_batches_are_let_go_however_few_rows_come():
+    # Under light traffic no batch fills: every tick hands over a small one. The record of the
+    # writes in flight must not keep them all (a worker runs for months).
+    async def scenario() -> int:
+        pipeline, sink, *_rest, message = rig(batch_size=1000)
+
+        async def stored_at_once(rows):
+            return len(rows)
+        sink.write = stored_at_once
+        for offset in range(200):
+            await pipeline.handle(message(offset))
+            await pipeline.tick()
+        return len(pipeline._in_flight)
+
+    assert asyncio.run(asyncio.wait_for(scenario(), 10)) <= 2
