@@ -105,10 +105,8 @@ def test_a_message_a_rebalance_overtakes_during_the_pass_is_left_undecided():
     assert (accounts.pending, len(pipeline._pending)) == (1, 1) and marks.pending >= 1 and pipeline._indexed
 
 
-def test_the_timer_expires_the_marks_of_a_partition_no_message_comes_to_and_not_of_one_revoked():
-    # Each message expires marks of its own partition only: a partition whose devices went quiet
-    # (or whose backlog was read before the others') kept its marks — a 10M-message run held twice
-    # a window's marks at its end. The tick expires every active partition's due marks.
+def timed_rig():
+    """A pipeline whose rows are stored at once, on a clock the test moves, with a 60 s window."""
     pipeline, sink, (marks, *_), _log, _acked, message = rig(batch_size=100)
 
     async def stored_at_once(rows):
@@ -117,6 +115,14 @@ def test_the_timer_expires_the_marks_of_a_partition_no_message_comes_to_and_not_
     now = [1_796_040_000.0]
     pipeline.clock = lambda: now[0]
     pipeline.window_ms = pipeline._expiry.window_ms = 60_000
+    return pipeline, marks, message, now
+
+
+def test_the_timer_expires_the_marks_of_a_partition_no_message_comes_to_and_not_of_one_revoked():
+    # Each message expires marks of its own partition only: a partition whose devices went quiet
+    # (or whose backlog was read before the others') kept its marks — a 10M-message run held twice
+    # a window's marks at its end. The tick expires every active partition's due marks.
+    pipeline, marks, message, now = timed_rig()
 
     async def scenario() -> None:
         for offset in range(3):
@@ -140,14 +146,7 @@ def test_the_timer_expires_nothing_while_a_rebalance_has_suspended_the_flow():
     # Between the start of a rebalance and the revocation signal the index still holds the
     # partitions being revoked: a tombstone written then could reach a partition another worker
     # is already restoring.
-    pipeline, sink, (marks, *_), _log, _acked, message = rig(batch_size=100)
-
-    async def stored_at_once(rows):
-        return len(rows)
-    sink.write = stored_at_once
-    now = [1_796_040_000.0]
-    pipeline.clock = lambda: now[0]
-    pipeline.window_ms = pipeline._expiry.window_ms = 60_000
+    pipeline, marks, message, now = timed_rig()
 
     async def scenario() -> None:
         await pipeline.handle(message(0))
