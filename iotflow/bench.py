@@ -202,12 +202,6 @@ def fresh_run(settings: Settings, name: str, **overrides: object) -> tuple[Setti
     return bench, run_id
 
 
-def _own_cpu_s(pid: int) -> float:
-    """CPU seconds (user + system) process ``pid`` has used so far, all its threads."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / _TICKS_PER_S
-
-
 def run(settings: Settings, messages: int, *, peers: bool = True) -> dict[str, object]:
     bench, run_id = fresh_run(settings, "bench")
     device_prefix = f"bench{run_id}-"
@@ -230,13 +224,13 @@ def run(settings: Settings, messages: int, *, peers: bool = True) -> dict[str, o
         delete_rows()
 
     with bench_worker(bench) as worker:
-        started, worker_cpu = time.monotonic(), _own_cpu_s(worker.proc.pid)
+        started, worker_cpu = time.monotonic(), _cpu_s({worker.proc.pid})
         peak = 0
         while _received(worker) < messages:
             peak = max(peak, rss_kib(worker.proc.pid))
             time.sleep(0.5)
         iotflow_rate = messages / (time.monotonic() - started)
-        worker_cpu = _own_cpu_s(worker.proc.pid) - worker_cpu
+        worker_cpu = _cpu_s({worker.proc.pid}) - worker_cpu
 
         latency_rate = max(1.0, iotflow_rate / 2)
         latency_count = int(latency_rate * 20)

@@ -87,10 +87,14 @@ class _Run:
         self.blob += key
         self.ends.append(self.base + len(self.blob))
 
+    def _start(self) -> int:
+        """Where the first unpopped key begins, counted like ``ends``."""
+        return self.ends[self.head - 1] if self.head else self.base
+
     def pop_due(self, now_ms: int, limit: int, out: list[bytes]) -> None:
         times, ends, blob, base = self.times, self.ends, self.blob, self.base
         head, count = self.head, len(times)
-        start = ends[head - 1] if head else base
+        start = self._start()
         while head < count and limit > 0 and times[head] <= now_ms:
             end = ends[head]
             out.append(bytes(blob[start - base:end - base]))
@@ -102,7 +106,7 @@ class _Run:
             self.times, self.ends, self.head = times[head:], ends[head:], 0
 
     def keys(self) -> Iterator[bytes]:
-        start = self.ends[self.head - 1] if self.head else self.base
+        start = self._start()
         for end in self.ends[self.head:]:
             yield bytes(self.blob[start - self.base:end - self.base])
             start = end

@@ -121,6 +121,7 @@ class IngestPipeline:
         self._order = asyncio.Lock()  # one message decided at a time: the agent's and the timer's
         self._closed = False
         self._outcomes: Counter[str] = Counter()  # decided since the last hand-off, by outcome label
+        self._expired = 0  # marks deleted since the last hand-off
         self._dlq_unreported: Counter[str] = Counter()
         self._dlq_example: dict[str, object] = {}
         self._dlq_reported_at = float("-inf")
@@ -164,7 +165,7 @@ class IngestPipeline:
     def _expire(self, partition: int, now_ms: int, limit: int = _EXPIRE_PER_MESSAGE) -> None:
         for key in self._expiry.expired(partition, now_ms, limit):
             self.marks.delete(partition, key)
-            self._outcomes["expired"] += 1
+            self._expired += 1
 
     @contextlib.asynccontextmanager
     async def deciding(self, current: Callable[[Message], bool] = _always) -> AsyncIterator[Callable[[Message], Awaitable[bool]]]:
@@ -445,11 +446,11 @@ class IngestPipeline:
         """The decisions since the last hand-off into their counters: one increment per outcome and
         batch, not one per message (each takes a lock)."""
         for label, count in self._outcomes.items():
-            if label == "expired":
-                metrics.DEDUP_EXPIRED.inc(count)
-            else:
-                metrics.MESSAGES_BY_OUTCOME[label].inc(count)
+            metrics.MESSAGES_BY_OUTCOME[label].inc(count)
         self._outcomes.clear()
+        if self._expired:
+            metrics.DEDUP_EXPIRED.inc(self._expired)
+            self._expired = 0
 
     async def _write(self, batch: list[_Pending], marks: _Writes, accounts: _Writes, latest: _Writes, *,
                      after: asyncio.Future[None] | None) -> None:
